@@ -1,0 +1,62 @@
+"""Longhaul's on-disk model repository, shared by exporters (write) and service (read).
+
+Standard library and pydantic only: never imports torch, ``exporters`` or ``service``.
+"""
+
+from model_store.errors import (
+    ManifestError,
+    ModelNotFoundError,
+    ModelStoreError,
+    PublishError,
+    StoreNotFoundError,
+    VersionExistsError,
+    VersionNotFoundError,
+)
+from model_store.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    UNASSIGNED_VERSION,
+    CacheLayout,
+    ExtrapolationReport,
+    FileEntry,
+    GraphSignature,
+    Manifest,
+    ParityCase,
+    ParityReport,
+    Provenance,
+    TensorSpec,
+)
+from model_store.repository import (
+    FileMismatch,
+    ModelRepository,
+    ModelVersion,
+    VerificationResult,
+    sha256_file,
+)
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "UNASSIGNED_VERSION",
+    "CacheLayout",
+    "ExtrapolationReport",
+    "FileEntry",
+    "FileMismatch",
+    "GraphSignature",
+    "Manifest",
+    "ManifestError",
+    "ModelNotFoundError",
+    "ModelRepository",
+    "ModelStoreError",
+    "ModelVersion",
+    "ParityCase",
+    "ParityReport",
+    "Provenance",
+    "PublishError",
+    "StoreNotFoundError",
+    "TensorSpec",
+    "VerificationResult",
+    "VersionExistsError",
+    "VersionNotFoundError",
+    "sha256_file",
+]

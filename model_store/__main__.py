@@ -1,0 +1,5 @@
+"""``python -m model_store {list,verify} STORE``."""
+
+from model_store.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,360 @@
+"""``manifest.json``: what a published model version is, how it was made and how it was checked.
+
+One manifest per version directory (``<store>/<name>/<version>/manifest.json``). Exporters build
+it, :meth:`ModelRepository.publish <model_store.repository.ModelRepository.publish>` fills in the
+version and the file checksums, the service reads it to choose a backend, enforce
+``max_context`` and wire the graph's inputs and outputs. Every model here is frozen and rejects
+unknown fields, so a typo in a hand-edited manifest is an error rather than a silent default.
+
+Documents written by an older ``schema_version`` are upgraded on load through
+:data:`MIGRATIONS`; documents from a newer one are refused with a :class:`ManifestError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model_store.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+# A manifest built before publishing does not know its version yet; publish allocates one.
+UNASSIGNED_VERSION = 0
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+DTYPES = (
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+)
+# The model file each format is stored under (DESIGN.md: model.onnx (+ .data) | model.ts).
+MODEL_FILE_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+
+Architecture = Literal["linformer", "reformer", "alibi", "shatter"]
+Task = Literal["encode", "generate"]
+Format = Literal["onnx", "torchscript"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+GenerationMode = Literal["kv_cache", "full_sequence"]
+
+Document = dict[str, Any]
+# MIGRATIONS[v] upgrades a schema-v document to schema v + 1; load() chains them up to
+# SCHEMA_VERSION. Empty while there is a single schema: add an entry with each bump.
+MIGRATIONS: dict[int, Callable[[Document], Document]] = {}
+
+
+def check_relative_path(path: str) -> str:
+    """A file name inside a version directory: relative, POSIX, no ``..``, nothing hidden."""
+    parts = path.split("/")
+    if (
+        not path
+        or "\\" in path
+        or path.startswith("/")
+        or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
+    ):
+        raise ValueError(f"{path!r} is not a plain relative path inside the version directory")
+    return path
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class FileEntry(_Frozen):
+    sha256: str = Field(pattern=SHA256_PATTERN, description="lower-case hex digest")
+    size: int = Field(ge=0, description="bytes")
+
+
+class TensorSpec(_Frozen):
+    """One graph input or output. String axes are dynamic and named ("batch", "sequence")."""
+
+    name: str = Field(min_length=1)
+    dtype: str
+    shape: list[str | int]
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; expected one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _axes(cls, value: list[str | int]) -> list[str | int]:
+        for axis in value:
+            if isinstance(axis, int) and axis < 0:
+                raise ValueError(f"static axis sizes must be >= 0, got {axis}")
+            if isinstance(axis, str) and not axis.strip():
+                raise ValueError("dynamic axis names must not be empty")
+        return value
+
+
+class CacheLayout(_Frozen):
+    """The stacked KV cache of a ``kv_cache`` decoder: one tensor in, one (longer) tensor out."""
+
+    input: str = Field(min_length=1, description="graph input name, e.g. past_key_values")
+    output: str = Field(min_length=1, description="graph output name, e.g. present_key_values")
+    layout: list[str] = Field(
+        min_length=1,
+        description='axis names, e.g. ["layers","2","batch","heads","past_sequence","head_dim"]',
+    )
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype: str
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        return TensorSpec._known_dtype(value)
+
+
+class GraphSignature(_Frozen):
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    generation_mode: GenerationMode | None = None
+    cache: CacheLayout | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [spec.name for spec in specs]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate {kind} names: {duplicates}")
+        if self.generation_mode == "kv_cache" and self.cache is None:
+            raise ValueError("generation_mode 'kv_cache' requires a cache layout")
+        if self.cache is not None:
+            if self.generation_mode != "kv_cache":
+                raise ValueError(
+                    "a cache layout is only meaningful with generation_mode 'kv_cache'"
+                )
+            if self.cache.input not in {spec.name for spec in self.inputs}:
+                raise ValueError(f"cache input {self.cache.input!r} is not a graph input")
+            if self.cache.output not in {spec.name for spec in self.outputs}:
+                raise ValueError(f"cache output {self.cache.output!r} is not a graph output")
+        return self
+
+    def input(self, name: str) -> TensorSpec:
+        return _spec(self.inputs, name, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _spec(self.outputs, name, "output")
+
+
+def _spec(specs: list[TensorSpec], name: str, kind: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no graph {kind} named {name!r}")
+
+
+class ParityCase(_Frozen):
+    """Exported graph vs reference on one (batch, length) input."""
+
+    batch: int = Field(ge=1)
+    length: int = Field(ge=1)
+    max_abs_diff: float = Field(ge=0)
+    cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+    argmax_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class ParityReport(_Frozen):
+    reference: str = Field(min_length=1, description='e.g. "eager fp32 PyTorch"')
+    lengths: list[int] = Field(min_length=1)
+    cases: list[ParityCase]
+    max_abs_diff: float = Field(ge=0, description="worst case over all cases")
+    tolerance: float | None = Field(default=None, gt=0, description="fp32 pass threshold")
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+    argmax_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    passed: bool
+
+
+class Provenance(_Frozen):
+    source_checkpoint: str
+    source_checkpoint_sha256: str = Field(pattern=SHA256_PATTERN)
+    exporter_version: str
+    created_at: datetime = Field(description="timezone-aware; stored in UTC")
+    torch_version: str | None = None
+    onnx_opset: int | None = Field(default=None, ge=1)
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("created_at must be timezone-aware (use datetime.now(UTC))")
+        return value.astimezone(UTC)
+
+
+class ExtrapolationReport(_Frozen):
+    """Held-out loss at multiples of the trained length; decides how far max_context may go."""
+
+    lengths: list[int] = Field(min_length=1)
+    losses: list[float]
+    ratios: list[float] = Field(description="loss / loss at the trained length (1x)")
+    rule: str = Field(min_length=1, description="the rule that chose max_context, in words")
+    max_context_override: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.lengths) == len(self.losses) == len(self.ratios):
+            raise ValueError(
+                f"lengths, losses and ratios differ in length "
+                f"({len(self.lengths)}, {len(self.losses)}, {len(self.ratios)})"
+            )
+        return self
+
+
+class Manifest(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(
+        ge=UNASSIGNED_VERSION,
+        description="≥ 1 once published; 0 (UNASSIGNED_VERSION) asks publish for the next one",
+    )
+    architecture: Architecture
+    task: Task
+    format: Format
+    precision: Precision
+    max_context: int = Field(ge=1, description="hard limit in tokens, enforced by the service")
+    trained_context: int = Field(ge=1)
+    config: dict[str, Any] = Field(description="the architecture config as saved")
+    signature: GraphSignature
+    files: dict[str, FileEntry] = Field(
+        default_factory=dict,
+        description="every file of the version except manifest.json; filled in by publish",
+    )
+    parity: ParityReport
+    provenance: Provenance
+    extrapolation: ExtrapolationReport | None = None
+    tokenizer_file: str = "tokenizer.json"
+    model_file: str
+
+    @field_validator("schema_version")
+    @classmethod
+    def _current_schema(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(
+                f"a Manifest object is always schema {SCHEMA_VERSION}; "
+                f"older documents are migrated by Manifest.load"
+            )
+        return value
+
+    @field_validator("tokenizer_file", "model_file")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        return check_relative_path(value)
+
+    @field_validator("files")
+    @classmethod
+    def _plain_paths(cls, value: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for path in value:
+            check_relative_path(path)
+        if MANIFEST_FILE in value:
+            raise ValueError(f"{MANIFEST_FILE} cannot list itself")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        suffix = MODEL_FILE_SUFFIX[self.format]
+        if not self.model_file.endswith(suffix):
+            raise ValueError(
+                f"format {self.format!r} stores its graph in a '*{suffix}' file, "
+                f"got model_file {self.model_file!r}"
+            )
+        if (self.task == "generate") != (self.signature.generation_mode is not None):
+            raise ValueError(
+                "task 'generate' requires signature.generation_mode and task 'encode' forbids it"
+            )
+        if self.precision == "fp32" and self.parity.tolerance is None:
+            raise ValueError("fp32 models record the parity tolerance they passed")
+        if (
+            self.precision != "fp32"
+            and self.parity.min_cosine is None
+            and self.parity.argmax_agreement is None
+        ):
+            raise ValueError(
+                f"{self.precision} models record parity min_cosine and/or argmax_agreement"
+            )
+        if self.files:
+            missing = [f for f in (self.model_file, self.tokenizer_file) if f not in self.files]
+            if missing:
+                raise ValueError(f"files does not list {missing}")
+        return self
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of every listed file (manifest.json excluded)."""
+        return sum(entry.size for entry in self.files.values())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def dump(self, path: Path) -> None:
+        """Write as JSON. Not atomic on its own: the repository publishes whole directories."""
+        path.write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def from_document(cls, document: Any, source: Path) -> Manifest:
+        """Validate a parsed JSON document, migrating older schemas; ``source`` names errors."""
+        if not isinstance(document, dict):
+            raise ManifestError(source, f"expected a JSON object, got {type(document).__name__}")
+        document = migrate(document, source)
+        try:
+            return cls.model_validate(document)
+        except ValidationError as exc:
+            raise ManifestError(source, f"invalid manifest: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ManifestError(path, "manifest file is missing") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ManifestError(path, f"cannot read manifest: {exc}") from exc
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(path, f"invalid JSON: {exc}") from exc
+        return cls.from_document(document, path)
+
+
+def migrate(document: Document, source: Path) -> Document:
+    """Upgrade ``document`` to :data:`SCHEMA_VERSION` one step at a time."""
+    version = document.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(source, f"schema_version must be an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ManifestError(
+            source,
+            f"schema_version {version} is newer than this model_store supports "
+            f"({SCHEMA_VERSION}); upgrade Longhaul to read it",
+        )
+    while version < SCHEMA_VERSION:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise ManifestError(source, f"no migration from schema_version {version}")
+        document = step(dict(document))
+        version += 1
+        document["schema_version"] = version
+    return document
+
+
+def is_valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None

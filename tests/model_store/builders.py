@@ -1,0 +1,104 @@
+"""Manifest builders shared by the model_store tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from model_store import Manifest
+
+# stage(files={relative path: size}) -> staging directory of random bytes (conftest fixture)
+StageFn = Callable[..., Path]
+
+
+def manifest_document(**overrides: Any) -> dict[str, Any]:
+    """A valid fp32 ONNX ALiBi decoder manifest as plain JSON data, before publishing."""
+    document: dict[str, Any] = {
+        "schema_version": 1,
+        "name": "tiny-alibi",
+        "version": 0,
+        "architecture": "alibi",
+        "task": "generate",
+        "format": "onnx",
+        "precision": "fp32",
+        "max_context": 512,
+        "trained_context": 128,
+        "config": {"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 300},
+        "signature": {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+                {
+                    "name": "attention_mask",
+                    "dtype": "int64",
+                    "shape": ["batch", "past_sequence + sequence"],
+                },
+                {
+                    "name": "past_key_values",
+                    "dtype": "float32",
+                    "shape": [2, 2, "batch", 4, "past_sequence", 8],
+                },
+            ],
+            "outputs": [
+                {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 300]},
+                {
+                    "name": "present_key_values",
+                    "dtype": "float32",
+                    "shape": [2, 2, "batch", 4, "past_sequence + sequence", 8],
+                },
+            ],
+            "generation_mode": "kv_cache",
+            "cache": {
+                "input": "past_key_values",
+                "output": "present_key_values",
+                "layout": ["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
+                "n_layers": 2,
+                "n_heads": 4,
+                "head_dim": 8,
+                "dtype": "float32",
+            },
+        },
+        "files": {},
+        "parity": {
+            "reference": "eager fp32 PyTorch",
+            "lengths": [1, 17, 128],
+            "cases": [
+                {
+                    "batch": 2,
+                    "length": n,
+                    "max_abs_diff": 2e-6,
+                    "cosine": None,
+                    "argmax_agreement": 1.0,
+                }
+                for n in (1, 17, 128)
+            ],
+            "max_abs_diff": 2e-6,
+            "tolerance": 1e-4,
+            "min_cosine": None,
+            "argmax_agreement": 1.0,
+            "passed": True,
+        },
+        "provenance": {
+            "source_checkpoint": "checkpoints/tiny-alibi",
+            "source_checkpoint_sha256": "ab" * 32,
+            "exporter_version": "0.1.0",
+            "created_at": "2026-01-02T03:04:05Z",
+            "torch_version": "2.13.0",
+            "onnx_opset": 18,
+        },
+        "extrapolation": {
+            "lengths": [128, 256, 512],
+            "losses": [3.0, 3.1, 3.3],
+            "ratios": [1.0, 3.1 / 3.0, 1.1],
+            "rule": "largest length whose loss stays within 10% of the 1x loss",
+            "max_context_override": 512,
+        },
+        "tokenizer_file": "tokenizer.json",
+        "model_file": "model.onnx",
+    }
+    document.update(overrides)
+    return document
+
+
+def make_manifest(**overrides: Any) -> Manifest:
+    return Manifest.model_validate(manifest_document(**overrides))
