@@ -1,0 +1,220 @@
+"""ALiBi causal decoder LM (Press et al. 2022, "Train Short, Test Long").
+
+No position embeddings: every head adds a linear penalty −m·(i−j) to the score of query i for
+key j, with a fixed per-head slope m. Because the penalty depends only on the distance, the model
+runs past the length it was trained on.
+
+Shape legend (see common.py): b batch, t new tokens, s keys (past + new), h heads, e head width,
+d model width, v vocabulary, L layers.
+
+Decoding keeps one stacked KV cache (L, 2, b, h, s, e). ``forward_cached`` is what the exporter
+turns into the ``kv_cache`` graph, so everything on that path is export-safe: no ``.item()``, no
+branch on tensor values, every index built from an ``arange`` or ``cumsum`` of shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exporters.architectures.common import (
+    SPECIAL_TOKENS,
+    FeedForward,
+    LMHead,
+    init_weights,
+    require_positive,
+)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """(h,) per-head slopes, exactly the official ``get_slopes``.
+
+    For h a power of two: the geometric sequence 2^(−8/h), 2^(−16/h), …, 2^(−8). Otherwise take
+    the largest power of two n < h, use its slopes, and append every other slope of the 2n-head
+    sequence (the ones falling between the n-head slopes) until there are h.
+    """
+    require_positive("n_heads", n_heads)
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    n = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: n_heads - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """Additive score bias −m·(i−j).
+
+    slopes (h,); query_positions (..., t) and key_positions (..., s), integer token positions.
+    Returns (..., h, t, s) float32: (h, t, s) for 1-D positions, (b, h, t, s) for per-row ones.
+    """
+    rel = (query_positions[..., :, None] - key_positions[..., None, :]).to(slopes.dtype)
+    return -slopes[:, None, None] * rel[..., None, :, :]  # (..., h, t, s)
+
+
+def alibi_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, key_padding_mask: Tensor
+) -> Tensor:
+    """Causal softmax attention with an additive bias.
+
+    q (b, h, t, e); k, v (b, h, s, e) with s ≥ t: the queries are the LAST t of the s key slots
+    (the past cache followed by the new tokens), so query i sits at slot s − t + i.
+    bias (b, h, t, s) or (h, t, s); key_padding_mask (b, s), 1 for real keys and 0 for padding.
+    Returns (b, h, t, e). A query with no visible key (a left-pad slot) gets a uniform, finite row.
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    key_slots = torch.arange(s, device=q.device)
+    query_slots = torch.arange(t, device=q.device) + (s - t)
+    causal = key_slots[None, :] <= query_slots[:, None]  # (t, s)
+    allowed = causal & key_padding_mask.bool()[:, None, None, :]  # (b, 1, t, s)
+    # Scores, bias and softmax in fp32 so a bf16/fp16 model keeps large distances exact; one
+    # masked_fill (not a sum of large negatives) so nothing can overflow to -inf and give NaN.
+    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + bias  # (b, h, t, s)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, h, t, e)
+
+
+@dataclass(frozen=True)
+class AlibiConfig:
+    vocab_size: int  # tokens, special tokens included
+    d_model: int  # residual stream width
+    n_heads: int  # attention heads; each gets its own ALiBi slope
+    n_layers: int  # decoder blocks
+    d_ff: int  # feed-forward inner width
+    trained_context: int  # training sequence length; informational, not a limit
+    dropout: float = 0.0  # residual/embedding dropout during training; inactive in eval
+    layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "trained_context"):
+            require_positive(name, getattr(self, name))
+        if self.vocab_size < len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"vocab_size must hold the {len(SPECIAL_TOKENS)} special tokens, "
+                f"got {self.vocab_size}"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+
+    @property
+    def task(self) -> str:
+        return "generate"
+
+    @property
+    def max_positions(self) -> int | None:
+        return None  # ALiBi has no position table: any length runs (quality degrades slowly)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class AlibiSelfAttention(nn.Module):
+    def __init__(self, config: AlibiConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self, x: Tensor, bias: Tensor, key_padding_mask: Tensor, past_kv: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """x (b, t, d), past_kv (2, b, h, s_past, e) -> (b, t, d), present (2, b, h, s, e)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # unflatten rather than view(b, t, ...) so no batch/length size is baked into a trace.
+        q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
+        k = k.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
+        v = v.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
+        k = torch.cat([past_kv[0], k], dim=2)  # (b, h, s, e)
+        v = torch.cat([past_kv[1], v], dim=2)  # (b, h, s, e)
+        y = alibi_attention(q, k, v, bias, key_padding_mask)  # (b, h, t, e)
+        y = y.transpose(1, 2).flatten(2)  # (b, t, d)
+        return self.out(y), torch.stack([k, v])
+
+
+class AlibiBlock(nn.Module):
+    """Pre-LayerNorm GPT block: x + attn(ln(x)), then x + ff(ln(x))."""
+
+    def __init__(self, config: AlibiConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = AlibiSelfAttention(config)
+        self.ln_ff = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ff = FeedForward(config.d_model, config.d_ff)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, bias: Tensor, key_padding_mask: Tensor, past_kv: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        a, present = self.attn(self.ln_attn(x), bias, key_padding_mask, past_kv)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ff(self.ln_ff(x)))
+        return x, present
+
+
+class AlibiLM(nn.Module):
+    def __init__(self, config: AlibiConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(AlibiBlock(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.head = LMHead(config.d_model, config.vocab_size)
+        init_weights(self)
+
+    def empty_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(L, 2, b, h, 0, e): the cache before the first token (prefill = a call with this)."""
+        c = self.config
+        return torch.zeros(
+            c.n_layers, 2, batch_size, c.n_heads, 0, c.head_dim, dtype=dtype, device=device
+        )
+
+    def _decode(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Shared body -> (hidden (b, t, d), present (L, 2, b, h, s, e))."""
+        # Positions count real tokens only, so pads anywhere (left padding, or a short chunk of
+        # a row in a mixed batch) never change the distances i − j between real tokens. Pad
+        # slots get a repeated position but are masked as keys and their outputs are unused.
+        key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, s)
+        query_positions = key_positions[:, past_key_values.shape[-2] :]  # (b, t)
+        slopes = alibi_slopes(self.config.n_heads).to(input_ids.device)
+        bias = alibi_bias(slopes, query_positions, key_positions)  # (b, h, t, s)
+
+        x = self.drop(self.embed(input_ids))  # (b, t, d)
+        presents = []
+        for layer, block in enumerate(self.blocks):
+            x, present = block(x, bias, attention_mask, past_key_values[layer])
+            presents.append(present)
+        return self.ln_f(x), torch.stack(presents)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""
+        past = self.empty_cache(input_ids.shape[0], self.embed.weight.dtype, input_ids.device)
+        hidden, _ = self._decode(input_ids, attention_mask, past)
+        return self.head(hidden), hidden
+
+    def forward_cached(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One prefill, chunk or decode step.
+
+        input_ids (b, t) int64; attention_mask (b, s + t) int64 over the cached and the new
+        tokens; past_key_values (L, 2, b, h, s, e), s may be 0.
+        Returns logits (b, t, v) and present_key_values (L, 2, b, h, s + t, e).
+        """
+        hidden, present = self._decode(input_ids, attention_mask, past_key_values)
+        return self.head(hidden), present

@@ -1,0 +1,96 @@
+"""Blocks shared by the four architectures.
+
+Shape legend used in every architecture file:
+    b - batch, t - query length, s - key length, h - heads, d - model width, e - head width,
+    v - vocabulary, k - Linformer projected length, p - Shatter partitions.
+
+Model contract (relied upon by the exporters, the tests and, through the exported graphs,
+the service):
+
+* ``forward(input_ids, attention_mask) -> (logits, hidden)`` for every model:
+  ``input_ids`` (b, t) int64, ``attention_mask`` (b, t) int64 with 1 for real tokens and 0 for
+  padding; ``logits`` (b, t, v) float, ``hidden`` (b, t, d) the final normalised hidden states.
+  Outputs at padding positions are unspecified but finite.
+* The ALiBi decoder also has ``forward_cached(input_ids, attention_mask, past_key_values)`` ->
+  ``(logits, present_key_values)`` where the mask covers past + new tokens (b, s + t) and the cache
+  is one stacked tensor (layers, 2, b, h, s, e).
+* Configs are frozen dataclasses validated in ``__post_init__`` and expose ``task``
+  ("encode" | "generate") and ``max_positions`` (hard length limit, or None when unbounded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Special tokens, in this id order, at the start of every Longhaul vocabulary.
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+MASK_TOKEN = "<mask>"
+CLS_TOKEN = "<cls>"
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MASK_TOKEN, CLS_TOKEN)
+PAD_ID, EOS_ID, MASK_ID, CLS_ID = range(len(SPECIAL_TOKENS))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: d -> d_ff -> d with GELU (tanh form: exports to one ONNX pattern)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, d_ff)
+        self.fc_out = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class LMHead(nn.Module):
+    """Normalised hidden states -> vocabulary logits. Used for MLM and next-token LM alike."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, vocab_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.proj(hidden)
+
+
+def key_padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, s) 1/0 mask -> (b, 1, 1, s) additive bias: 0 for real keys, a large negative for pads.
+
+    A finite value (not -inf) keeps fully masked rows finite instead of NaN.
+    """
+    neg = torch.finfo(dtype).min / 2
+    return (1.0 - attention_mask.to(dtype))[:, None, None, :] * neg
+
+
+def sinusoidal_positions(length: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """(length, dim) fixed sinusoidal position encodings (Vaswani et al.), unbounded in length."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    idx = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    inv_freq = torch.exp(-math.log(10000.0) * idx / dim)
+    angles = pos * inv_freq  # (length, dim/2)
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(angles)
+    out[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return out
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style init: N(0, std) for linear and embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+
+def require_positive(name: str, value: int) -> None:
+    """Shared config validation: a clear message naming the field."""
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")

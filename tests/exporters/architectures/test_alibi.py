@@ -1,0 +1,226 @@
+"""ALiBi decoder: slopes and bias against the paper, causality, KV-cache parity, extrapolation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exporters.architectures.alibi import (
+    AlibiConfig,
+    AlibiLM,
+    alibi_attention,
+    alibi_bias,
+    alibi_slopes,
+)
+from exporters.architectures.common import init_weights
+
+# 6 heads (not a power of two) so the interleaved slopes are exercised end to end.
+CONFIG = AlibiConfig(vocab_size=40, d_model=24, n_heads=6, n_layers=2, d_ff=48, trained_context=8)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model() -> AlibiLM:
+    torch.manual_seed(0)
+    m = AlibiLM(CONFIG).eval()
+    # Larger weights than the 0.02 training init: peaked attention, so a wrong bias, mask or
+    # cache offset moves the logits well above the tolerance.
+    init_weights(m, std=0.3)
+    return m
+
+
+def random_ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, CONFIG.vocab_size, (b, t), generator=g)
+
+
+def decode_in_chunks(
+    model: AlibiLM, ids: torch.Tensor, mask: torch.Tensor, sizes: list[int]
+) -> torch.Tensor:
+    """Feed ids through forward_cached chunk by chunk; returns the concatenated logits."""
+    assert sum(sizes) == ids.shape[1]
+    past = model.empty_cache(ids.shape[0], torch.float32, ids.device)
+    logits, start = [], 0
+    for n in sizes:
+        end = start + n
+        out, past = model.forward_cached(ids[:, start:end], mask[:, :end], past)
+        assert past.shape == (
+            CONFIG.n_layers,
+            2,
+            ids.shape[0],
+            CONFIG.n_heads,
+            end,
+            CONFIG.head_dim,
+        )
+        logits.append(out)
+        start = end
+    return torch.cat(logits, dim=1)
+
+
+# --- pure functions ----------------------------------------------------------------------------
+
+
+def test_slopes_8_heads_are_powers_of_one_half() -> None:
+    expected = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor(expected), rtol=0, atol=0)
+
+
+def test_slopes_12_heads_follow_the_paper_interleaving() -> None:
+    # 8-head slopes, then 16-head slopes 2^-0.5, 2^-1, 2^-1.5, ... taken at even indices: the
+    # first 12 - 8 = 4 of 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+    expected = [
+        *(0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625),
+        0.7071067811865476,  # 2^-0.5
+        0.3535533905932738,  # 2^-1.5
+        0.1767766952966369,  # 2^-2.5
+        0.08838834764831845,  # 2^-3.5
+    ]
+    torch.testing.assert_close(alibi_slopes(12), torch.tensor(expected), rtol=1e-7, atol=0)
+
+
+def test_slopes_6_heads() -> None:
+    # 4-head slopes 2^-2, 2^-4, 2^-6, 2^-8, then 8-head slopes at even indices: 2^-1, 2^-3.
+    expected = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(expected), rtol=0, atol=0)
+
+
+def test_bias_is_minus_slope_times_distance() -> None:
+    slopes = alibi_slopes(4)
+    q_pos, k_pos = torch.arange(3, 7), torch.arange(7)
+    bias = alibi_bias(slopes, q_pos, k_pos)
+    assert bias.shape == (4, 4, 7)
+    for h in range(4):
+        for i in range(4):
+            for j in range(7):
+                want = -slopes[h].item() * (q_pos[i].item() - k_pos[j].item())
+                assert bias[h, i, j].item() == pytest.approx(want, abs=1e-6)
+    # Per-row positions give a per-row bias; an offset shared by i and j changes nothing.
+    rows = alibi_bias(slopes, torch.stack([q_pos, q_pos + 100]), torch.stack([k_pos, k_pos + 100]))
+    assert rows.shape == (2, 4, 4, 7)
+    torch.testing.assert_close(rows[0], bias)
+    torch.testing.assert_close(rows[1], bias)
+
+
+def test_attention_with_zero_bias_is_causal_sdpa_on_the_last_queries() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=g) for _ in range(3))  # (b, h, s, e)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ones = torch.ones(2, 6, dtype=torch.int64)
+    # Queries are the last t of the s keys: the same rows of full causal attention.
+    out = alibi_attention(q[:, :, 4:], k, v, torch.zeros(3, 2, 6), ones)
+    torch.testing.assert_close(out, ref[:, :, 4:], atol=1e-6, rtol=0)
+    # A padded key is ignored: equal to attention over the remaining keys.
+    mask = ones.clone()
+    mask[:, 1] = 0
+    keep = [0, 2, 3, 4, 5]
+    out = alibi_attention(q[:, :, 5:], k, v, torch.zeros(3, 1, 6), mask)
+    ref = F.scaled_dot_product_attention(q[:, :, 5:], k[:, :, keep], v[:, :, keep])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_contract(model: AlibiLM) -> None:
+    ids = random_ids(2, 5)
+    logits, hidden = model(ids, torch.ones_like(ids))
+    assert logits.shape == (2, 5, CONFIG.vocab_size)
+    assert hidden.shape == (2, 5, CONFIG.d_model)
+    assert CONFIG.task == "generate" and CONFIG.max_positions is None
+    assert model.empty_cache(3, torch.float32, torch.device("cpu")).shape == (
+        2,
+        2,
+        3,
+        6,
+        0,
+        CONFIG.head_dim,
+    )
+
+
+def test_future_tokens_never_change_earlier_logits(model: AlibiLM) -> None:
+    ids = random_ids(1, 10)
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] + 1 - 4) % (CONFIG.vocab_size - 4) + 4
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a, _ = model(ids, mask)
+        b, _ = model(changed, mask)
+    assert torch.equal(a[:, :6], b[:, :6])
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-3  # the change does reach later positions
+
+
+@pytest.mark.parametrize("sizes", [[4, 1, 1, 1, 1], [1] * 8, [3, 2, 3], [5, 3]])
+def test_cached_decoding_matches_full_forward(model: AlibiLM, sizes: list[int]) -> None:
+    ids = random_ids(1, 8)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full, _ = model(ids, mask)
+        cached = decode_in_chunks(model, ids, mask, sizes)
+    torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("sizes", [[8], [5, 1, 1, 1], [3, 3, 2]])
+def test_left_padded_batch_matches_each_row_alone(model: AlibiLM, sizes: list[int]) -> None:
+    long, short = random_ids(1, 8, seed=2), random_ids(1, 5, seed=3)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.int64), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        alone_long, _ = model(long, torch.ones_like(long))
+        alone_short, _ = model(short, torch.ones_like(short))
+        batched = decode_in_chunks(model, ids, mask, sizes)
+    torch.testing.assert_close(batched[0], alone_long[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batched[1, 3:], alone_short[0], atol=ATOL, rtol=0)
+
+
+def test_padding_inside_the_cache_does_not_shift_distances(model: AlibiLM) -> None:
+    # A row that joined a chunk with fewer tokens than its neighbour carries pads mid-cache.
+    ids = random_ids(1, 6, seed=4)
+    with torch.no_grad():
+        alone, _ = model(ids, torch.ones_like(ids))
+        past = model.empty_cache(1, torch.float32, ids.device)
+        first, past = model.forward_cached(ids[:, :3], torch.ones(1, 3, dtype=torch.int64), past)
+        chunk = torch.cat([torch.zeros(1, 2, dtype=torch.int64), ids[:, 3:]], 1)
+        mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1]])
+        second, _ = model.forward_cached(chunk, mask, past)
+    torch.testing.assert_close(torch.cat([first, second[:, 2:]], 1), alone, atol=ATOL, rtol=0)
+
+
+def test_runs_at_four_times_the_trained_context(model: AlibiLM) -> None:
+    ids = random_ids(1, 4 * CONFIG.trained_context)
+    with torch.no_grad():
+        logits, hidden = model(ids, torch.ones_like(ids))
+    assert logits.shape == (1, 32, CONFIG.vocab_size)
+    assert torch.isfinite(logits).all() and torch.isfinite(hidden).all()
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("vocab_size", 0, "vocab_size must be positive"),
+        ("vocab_size", 3, "special tokens"),
+        ("d_model", -8, "d_model must be positive"),
+        ("n_heads", 0, "n_heads must be positive"),
+        ("n_heads", 5, "divisible by n_heads"),
+        ("n_layers", 0, "n_layers must be positive"),
+        ("d_ff", 0, "d_ff must be positive"),
+        ("trained_context", 0, "trained_context must be positive"),
+        ("dropout", 1.0, "dropout"),
+        ("dropout", -0.1, "dropout"),
+        ("layer_norm_eps", 0.0, "layer_norm_eps"),
+    ],
+)
+def test_config_rejects_bad_values(field: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CONFIG, **{field: value})
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CONFIG.n_heads = 2  # type: ignore[misc]
