@@ -70,8 +70,11 @@ def key_padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 def sinusoidal_positions(length: int, dim: int, device: torch.device | None = None) -> Tensor:
     """(length, dim) fixed sinusoidal position encodings (Vaswani et al.), unbounded in length."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    idx = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
-    inv_freq = torch.exp(-math.log(10000.0) * idx / dim)
+    # Frequencies from Python floats, not torch.exp: ORT's exp differs from torch's by one ulp and
+    # the angle error grows with position (6e-5 at 4096), enough to flip an LSH bucket.
+    inv_freq = torch.tensor(
+        [math.exp(-math.log(10000.0) * i / dim) for i in range(0, dim, 2)], device=device
+    )
     angles = pos * inv_freq  # (length, dim/2)
     out = torch.zeros(length, dim, device=device)
     out[:, 0::2] = torch.sin(angles)

@@ -1,0 +1,93 @@
+"""``python -m exporters``: train, export and import models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from model_store.errors import ModelStoreError
+
+ARCH_NAMES = ("linformer", "reformer", "alibi", "shatter")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from exporters.training import train
+
+    report = train(args.arch, args.preset, args.out, steps=args.steps, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    print(
+        f"wrote {args.out} ({report['architecture']}/{report['preset']}, {report['steps']} steps, "
+        f"{report['seconds']} s, held-out loss {report['held_out_loss']} vs unigram "
+        f"{report['unigram_baseline_loss']}, ratio {report['ratio_to_unigram']})"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from exporters.export import ExportRequest, export
+    from exporters.formats import ExportError
+    from exporters.parity import ParityError, format_report
+
+    request = ExportRequest(
+        checkpoint=args.checkpoint,
+        store=args.store,
+        name=args.name,
+        format=args.format,
+        precision=args.precision,
+        version=args.version,
+        max_context=args.max_context,
+    )
+    try:
+        result = export(request)
+    except ParityError as exc:
+        print(format_report(exc.report))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"error: export failed: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(result.report))
+    print(result.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a demo or tiny model and write a checkpoint")
+    p.add_argument("--arch", choices=ARCH_NAMES, required=True)
+    p.add_argument("--preset", choices=("tiny", "demo"), required=True)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint, verify parity, publish to a store")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--store", type=Path, required=True, help="model store root")
+    p.add_argument("--name", required=True, help="model name in the store, e.g. alibi-demo")
+    p.add_argument("--version", type=int, default=None, help="default: next free version")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="override the measured/verified max_context (recorded in the manifest)",
+    )
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, FileExistsError, ModelStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

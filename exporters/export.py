@@ -1,0 +1,283 @@
+"""``export``: checkpoint -> verified graph -> atomically published model-store version.
+
+Steps: load the checkpoint, choose the graph (encode, full-sequence or kv-cache), write it in the
+requested format and precision, check its dynamic axes, run parity against the eager fp32 model,
+and publish only when parity passes. The parity report is printed either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from exporters import __version__
+from exporters.architectures import build_model, config_to_dict
+from exporters.checkpoint import TOKENIZER_FILE, Checkpoint, directory_sha256, load_checkpoint
+from exporters.formats import (
+    ONNX_OPSET,
+    ExportError,
+    check_dynamic_axes,
+    export_onnx,
+    export_torchscript,
+    quantize_int8,
+)
+from exporters.graphs import GraphSpec, graph_spec, wrap
+from exporters.parity import ParityError, Report, run_parity
+from exporters.runtime import OnnxRunner, Runner, TorchScriptRunner
+from model_store import Manifest, ModelRepository, ModelVersion
+from model_store.manifest import (
+    UNASSIGNED_VERSION,
+    CacheLayout,
+    ExtrapolationReport,
+    GraphSignature,
+    ParityCase,
+    ParityReport,
+    Provenance,
+    TensorSpec,
+)
+
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# Which precisions each format can produce here, and why the others are refused:
+# ONNX Runtime's CPU EP has no bf16 kernels for most ops and spotty fp16 ones, so reduced
+# precision ONNX means int8 dynamic quantization; torch runs bf16/fp16 natively, int8 it does not.
+SUPPORTED_PRECISIONS = {"onnx": ("fp32", "int8"), "torchscript": ("fp32", "bf16", "fp16")}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Encoders and full-sequence decoders are verified at least this long (the long-context claim).
+LONG_PARITY_LENGTH = 4096
+SHORT_PARITY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    checkpoint: Path
+    store: Path
+    name: str
+    format: str
+    precision: str = "fp32"
+    version: int | None = None
+    max_context: int | None = None  # override; recorded in the manifest
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    published: ModelVersion
+    report: Report
+    seconds: float
+
+    def summary(self) -> str:
+        manifest = self.published.manifest
+        size = sum(entry.size for entry in manifest.files.values())
+        return (
+            f"published {self.published.path} ({size / 1e6:.1f} MB, {manifest.precision}, "
+            f"max_context {manifest.max_context}): max|diff| {self.report.max_abs_diff:.2e}, "
+            f"min cosine {self.report.min_cosine:.6f}, {self.seconds:.1f} s"
+        )
+
+
+def _max_context(
+    ckpt: Checkpoint, request: ExportRequest
+) -> tuple[int, ExtrapolationReport | None]:
+    config = ckpt.config
+    hard = config.max_positions
+    extrapolation = None
+    if ckpt.architecture == "alibi":
+        from exporters.extrapolation import RULE, measure
+
+        lengths, losses, ratios, chosen = measure(
+            ckpt.model, ckpt.tokenizer, ckpt.trained_context, request.progress
+        )
+        extrapolation = ExtrapolationReport(
+            lengths=lengths,
+            losses=[round(v, 5) for v in losses],
+            ratios=[round(v, 5) for v in ratios],
+            rule=RULE,
+            max_context_override=request.max_context,
+        )
+        default = chosen
+    else:
+        # No measured limit: serve what parity verified (hard limit when the model has one).
+        default = hard if hard is not None else max(LONG_PARITY_LENGTH, ckpt.trained_context)
+    chosen_context = request.max_context or default
+    if hard is not None and chosen_context > hard:
+        raise ValueError(
+            f"max_context {chosen_context} exceeds the model's hard limit n_max={hard}"
+        )
+    return chosen_context, extrapolation
+
+
+def _exportable(ckpt: Checkpoint) -> Checkpoint:
+    """Reformer's chunked feed-forward freezes the sequence axis when exported; the unchunked
+    feed-forward computes the same function, so export that with the same weights."""
+    if getattr(ckpt.config, "ff_chunk_size", 0):
+        config = dataclasses.replace(ckpt.config, ff_chunk_size=0)
+        model = build_model(config)
+        model.load_state_dict(ckpt.model.state_dict())
+        ckpt = dataclasses.replace(ckpt, config=config, model=model.eval())
+    return ckpt
+
+
+def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
+    """Short, trained and long: 2x trained (and max_context) for ALiBi, >= 4096 for the others."""
+    trained = ckpt.trained_context
+    if ckpt.architecture == "alibi":
+        long = {2 * trained, max_context}
+    else:
+        long = {
+            max(LONG_PARITY_LENGTH, max_context)
+            if ckpt.config.max_positions is None
+            else max_context
+        }
+    return sorted({SHORT_PARITY_LENGTH, trained, *long})
+
+
+def _example(spec: GraphSpec, config: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs with every dynamic size >= 2 (the exporter specialises sizes 0 and 1)."""
+    ids = torch.randint(4, config.vocab_size, (2, 8))
+    if spec.mode != "kv_cache":
+        return ids, torch.ones_like(ids)
+    layers, _, _, heads, _, head_dim = spec.inputs[2][2]
+    past = torch.zeros(layers, 2, 2, heads, 3, head_dim)
+    return ids, torch.ones(2, 11, dtype=torch.long), past
+
+
+def _signature(spec: GraphSpec, dtype: str) -> GraphSignature:
+    cache = None
+    if spec.mode == "kv_cache":
+        layers, _, _, heads, _, head_dim = spec.inputs[2][2]
+        cache = CacheLayout(
+            input="past_key_values",
+            output="present_key_values",
+            layout=["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
+            n_layers=int(layers),
+            n_heads=int(heads),
+            head_dim=int(head_dim),
+            dtype="float32",
+        )
+    return GraphSignature(
+        inputs=[TensorSpec(name=n, dtype=d, shape=list(s)) for n, d, s in spec.inputs],
+        outputs=[TensorSpec(name=n, dtype=d, shape=list(s)) for n, d, s in spec.outputs],
+        generation_mode=None if spec.mode == "encode" else spec.mode,  # type: ignore[arg-type]
+        cache=cache,
+    )
+
+
+def _parity_report(report: Report) -> ParityReport:
+    reduced = report.precision != "fp32"
+    return ParityReport(
+        reference=report.reference,
+        lengths=report.lengths,
+        cases=[
+            ParityCase(
+                batch=c.batch,
+                length=c.length,
+                max_abs_diff=c.max_abs_diff,
+                cosine=min(1.0, c.cosine) if reduced else None,
+                argmax_agreement=c.argmax_agreement if reduced else None,
+            )
+            for c in report.cases
+        ],
+        max_abs_diff=report.max_abs_diff,
+        tolerance=report.tolerance,
+        min_cosine=min(1.0, report.min_cosine),
+        argmax_agreement=report.argmax_agreement,
+        passed=report.passed,
+    )
+
+
+def _write_graph(
+    ckpt: Checkpoint, spec: GraphSpec, request: ExportRequest, staging: Path
+) -> tuple[Path, Runner]:
+    model_path = staging / MODEL_FILES[request.format]
+    dtype = TORCH_DTYPES.get(request.precision, torch.float32)
+    model = ckpt.model.to(dtype) if request.format == "torchscript" else ckpt.model
+    module = wrap(model, spec, dtype)
+    example = _example(spec, ckpt.config)
+    if request.format == "onnx":
+        fp32_path = staging / "fp32.onnx" if request.precision == "int8" else model_path
+        export_onnx(module, spec, example, fp32_path)
+        check_dynamic_axes(fp32_path, spec)
+        if request.precision == "int8":
+            quantize_int8(fp32_path, model_path)
+            fp32_path.unlink()
+            check_dynamic_axes(model_path, spec)
+        return model_path, OnnxRunner(model_path, spec.output_names)
+    export_torchscript(module, example, model_path)
+    ckpt.model.float()  # the eager reference stays fp32
+    return model_path, TorchScriptRunner(model_path, spec.input_names, spec.output_names)
+
+
+def export(request: ExportRequest) -> ExportResult:
+    started = time.perf_counter()
+    if request.format not in SUPPORTED_PRECISIONS:
+        raise ValueError(f"unknown format {request.format!r}; expected onnx or torchscript")
+    if request.precision not in SUPPORTED_PRECISIONS[request.format]:
+        raise ValueError(
+            f"precision {request.precision} is not supported for {request.format}; "
+            f"choose one of {', '.join(SUPPORTED_PRECISIONS[request.format])}"
+        )
+    ckpt = _exportable(load_checkpoint(request.checkpoint))
+    repo = ModelRepository(request.store, create=True)
+    if request.version is not None and request.version in repo.list_versions(request.name):
+        raise FileExistsError(
+            f"{request.name} version {request.version} already exists in {request.store}"
+        )
+
+    steps = tqdm(total=4, desc=f"export {request.name}", disable=not request.progress)
+    max_context, extrapolation = _max_context(ckpt, request)
+    spec = graph_spec(ckpt.config.task, ckpt.config)
+    lengths = parity_lengths(ckpt, max_context)
+    steps.update()
+
+    with tempfile.TemporaryDirectory(prefix="longhaul-export-") as tmp:
+        staging = Path(tmp)
+        model_path, runner = _write_graph(ckpt, spec, request, staging)
+        shutil.copy(request.checkpoint / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        steps.update()
+
+        reference = wrap(ckpt.model.float(), spec, torch.float32)
+        report = run_parity(
+            reference, runner, spec, ckpt.config, lengths, request.precision, request.progress
+        )
+        steps.update()
+        steps.close()
+        if not report.passed:
+            raise ParityError(report, f"{request.name}: {report.summary()}; nothing was published")
+
+        manifest = Manifest(
+            name=request.name,
+            version=request.version or UNASSIGNED_VERSION,
+            architecture=ckpt.architecture,  # type: ignore[arg-type]
+            task=ckpt.config.task,
+            format=request.format,  # type: ignore[arg-type]
+            precision=request.precision,  # type: ignore[arg-type]
+            max_context=max_context,
+            trained_context=ckpt.trained_context,
+            config=config_to_dict(ckpt.config),
+            signature=_signature(spec, "float32"),
+            parity=_parity_report(report),
+            provenance=Provenance(
+                source_checkpoint=str(Path(request.checkpoint).resolve()),
+                source_checkpoint_sha256=directory_sha256(request.checkpoint),
+                exporter_version=__version__,
+                created_at=datetime.now(UTC),
+                torch_version=torch.__version__,
+                onnx_opset=ONNX_OPSET if request.format == "onnx" else None,
+            ),
+            extrapolation=extrapolation,
+            model_file=model_path.name,
+        )
+        published = repo.publish(staging, manifest)
+    return ExportResult(published=published, report=report, seconds=time.perf_counter() - started)
+
+
+__all__ = ["ExportError", "ExportRequest", "ExportResult", "ParityError", "export"]

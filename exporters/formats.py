@@ -1,0 +1,111 @@
+"""Writing graphs to disk: ONNX (dynamo exporter), TorchScript (trace), ORT int8 quantization."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from exporters.graphs import GraphSpec
+
+ONNX_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """The export produced no usable artifact; the message says which step failed."""
+
+
+class FrozenAxisError(ExportError):
+    """An axis declared dynamic came out of the exporter with a fixed size."""
+
+
+def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, object]]:
+    """Every named axis dynamic; torch.export infers the relations between them.
+
+    Explicit named Dims fail on real relations in these models: Linformer's n_max check bounds
+    the sequence, Reformer pads to a multiple of the chunk length (a derived size), ALiBi's mask
+    is past + sequence long. ``Dim.DYNAMIC`` lets the exporter derive those ranges itself; the
+    result is then checked by :func:`check_dynamic_axes` and by parity at several lengths.
+    """
+    return {
+        name: {i: torch.export.Dim.DYNAMIC for i, axis in enumerate(shape) if isinstance(axis, str)}
+        for name, _, shape in spec.inputs
+    }
+
+
+def export_onnx(
+    module: nn.Module,
+    spec: GraphSpec,
+    example: tuple[Tensor, ...],
+    path: Path,
+    dynamic: bool = True,
+) -> None:
+    """Export with the dynamo exporter into one self-contained ``.onnx`` file."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    # The exporter logs registry notes (torchvision ops it skips) that concern no Longhaul model.
+    onnx_logger.setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            example,
+            dynamo=True,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=_dynamic_shapes(spec) if dynamic else None,
+            opset_version=ONNX_OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    onnx_logger.setLevel(level)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    # Small models fit in one file; the service then has one path to load and one hash to check.
+    program.save(str(path), external_data=False)
+
+
+def check_dynamic_axes(path: Path, spec: GraphSpec) -> None:
+    """Fail loudly when an axis the spec names (e.g. "sequence") has a fixed size in the graph.
+
+    The dynamo exporter can specialise an axis silently (a size-1 example, a guard in the
+    model); the resulting graph would reject every other length at serving time.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph_inputs = {i.name: i for i in model.graph.input}
+    for name, _, shape in spec.inputs:
+        if name not in graph_inputs:
+            raise ExportError(f"exported graph has no input named {name!r}")
+        dims = graph_inputs[name].type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ExportError(f"input {name!r} has rank {len(dims)}, expected {len(shape)}")
+        for axis, (dim, expected) in enumerate(zip(dims, shape, strict=True)):
+            if isinstance(expected, str) and dim.HasField("dim_value"):
+                raise FrozenAxisError(
+                    f"input {name!r} axis {axis} ({expected}) should be dynamic but the exported "
+                    f"graph fixed it to {dim.dim_value}"
+                )
+    names = [o.name for o in model.graph.output]
+    if names != spec.output_names:
+        raise ExportError(f"exported graph outputs {names}, expected {spec.output_names}")
+
+
+def export_torchscript(module: nn.Module, example: tuple[Tensor, ...], path: Path) -> None:
+    """Trace under no_grad; the saved file loads with torch.jit.load and no Longhaul code."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing is deprecated upstream and warns about shape arithmetic it records; parity at
+        # several lengths is what proves the trace generalises, so the warnings add nothing.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(path))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime dynamic quantization: int8 weights, activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)

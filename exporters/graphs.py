@@ -1,0 +1,101 @@
+"""What gets exported: thin wrappers fixing each graph's inputs and outputs (docs/contracts.md).
+
+Outputs are always float32 so the service never has to know the precision the graph computes
+in; reduced-precision models cast inside the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names, dtypes and symbolic shapes of one exported graph."""
+
+    mode: str  # "encode" | "full_sequence" | "kv_cache"
+    inputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
+    outputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _, _ in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _, _ in self.outputs]
+
+
+class SequenceGraph(nn.Module):
+    """(input_ids, attention_mask) -> (logits, hidden): encoders and full-sequence decoders."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        logits, hidden = self.model(input_ids, attention_mask)
+        return logits.float(), hidden.float()
+
+
+class KVCacheGraph(nn.Module):
+    """(input_ids, attention_mask, past_key_values) -> (logits, present_key_values).
+
+    The cache crosses the graph boundary as float32 (layers, 2, batch, heads, past, head_dim);
+    reduced-precision models cast it in and out so one cache layout serves every precision.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        logits, present = self.model.forward_cached(  # type: ignore[operator]
+            input_ids, attention_mask, past_key_values.to(self.dtype)
+        )
+        return logits.float(), present.float()
+
+
+def graph_spec(task: str, config: object) -> GraphSpec:
+    """The signature of the graph exported for a model with this task and config."""
+    ids = ("input_ids", "int64", ("batch", "sequence"))
+    logits = ("logits", "float32", ("batch", "sequence", config.vocab_size))  # type: ignore[attr-defined]
+    hidden = ("hidden", "float32", ("batch", "sequence", config.d_model))  # type: ignore[attr-defined]
+    if task == "encode":
+        return GraphSpec(
+            "encode", (ids, ("attention_mask", "int64", ("batch", "sequence"))), (logits, hidden)
+        )
+    if not hasattr(config, "n_heads") or not _has_kv_cache(config):
+        return GraphSpec(
+            "full_sequence",
+            (ids, ("attention_mask", "int64", ("batch", "sequence"))),
+            (logits, hidden),
+        )
+    layers, heads = config.n_layers, config.n_heads  # type: ignore[attr-defined]
+    head_dim = config.d_model // heads  # type: ignore[attr-defined]
+    past = ("past_key_values", "float32", (layers, 2, "batch", heads, "past_sequence", head_dim))
+    present = (
+        "present_key_values",
+        "float32",
+        (layers, 2, "batch", heads, "total_sequence", head_dim),
+    )
+    mask = ("attention_mask", "int64", ("batch", "total_sequence"))
+    return GraphSpec("kv_cache", (ids, mask, past), (logits, present))
+
+
+def _has_kv_cache(config: object) -> bool:
+    from exporters.architectures import ARCHITECTURES, architecture_of
+
+    return hasattr(ARCHITECTURES[architecture_of(config)].model_class, "forward_cached")
+
+
+def wrap(model: nn.Module, spec: GraphSpec, dtype: torch.dtype) -> nn.Module:
+    if spec.mode == "kv_cache":
+        return KVCacheGraph(model, dtype).eval()
+    return SequenceGraph(model).eval()

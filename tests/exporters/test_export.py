@@ -1,0 +1,308 @@
+"""Export round trips: checkpoint -> graph -> store -> loaded back -> same numbers as eager."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters import parity as parity_module
+from exporters.checkpoint import load_checkpoint
+from exporters.cli import main as exporters_main
+from exporters.export import ExportRequest, export, parity_lengths
+from exporters.formats import FrozenAxisError, check_dynamic_axes, export_onnx
+from exporters.graphs import graph_spec, wrap
+from exporters.parity import ParityError
+from exporters.runtime import OnnxRunner, TorchScriptRunner
+from model_store import ModelRepository
+from model_store.cli import main as store_main
+
+ARCHS = ("linformer", "reformer", "alibi", "shatter")
+FORMATS = ("onnx", "torchscript")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Path:
+    """Every architecture in both formats, exported once for this module."""
+    root = tmp_path_factory.mktemp("store")
+    for arch in ARCHS:
+        for fmt in FORMATS:
+            request = ExportRequest(
+                checkpoint=tiny_checkpoint(arch),
+                store=root,
+                name=f"{arch}-{fmt}",
+                format=fmt,
+                progress=False,
+            )
+            export(request)
+    return root
+
+
+def _runner(version):
+    manifest = version.manifest
+    names_in = [t.name for t in manifest.signature.inputs]
+    names_out = [t.name for t in manifest.signature.outputs]
+    if manifest.format == "onnx":
+        return OnnxRunner(version.model_path, names_out)
+    return TorchScriptRunner(version.model_path, names_in, names_out)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_through_the_store_matches_eager(store, tiny_checkpoint, arch, fmt) -> None:
+    repo = ModelRepository(store)
+    version = repo.resolve(f"{arch}-{fmt}", "latest")
+    assert repo.verify(version.name, version.version).ok
+    manifest = version.manifest
+    ckpt = load_checkpoint(tiny_checkpoint(arch))
+    assert manifest.architecture == arch and manifest.format == fmt
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    lengths = parity_lengths(ckpt, manifest.max_context)
+    assert manifest.parity.lengths == lengths
+    long = 2 * ckpt.trained_context if arch == "alibi" else 4096
+    assert max(lengths) >= long
+
+    # Independently of the exporter's own parity run: fresh inputs, loaded from the store.
+    runner = _runner(version)
+    spec = graph_spec(ckpt.config.task, ckpt.config)
+    reference = wrap(ckpt.model, spec, torch.float32)
+    gen = np.random.default_rng(42)
+    for length in (3, ckpt.trained_context, long):
+        ids = gen.integers(4, ckpt.config.vocab_size, size=(2, length), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[1, : length // 3] = 0 if spec.mode != "encode" else 1
+        if spec.mode == "encode":
+            mask[1, length - length // 3 :] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if spec.mode == "kv_cache":
+            layers, _, _, heads, _, head_dim = spec.inputs[2][2]
+            inputs["past_key_values"] = np.zeros((layers, 2, 2, heads, 0, head_dim), np.float32)
+        got = runner.run(inputs)
+        with torch.no_grad():
+            expected = reference(*[torch.from_numpy(v) for v in inputs.values()])
+        real = mask.astype(bool)
+        diff = np.abs(got["logits"] - expected[0].numpy())[real].max()
+        assert diff <= 1e-4, f"{arch}/{fmt} at length {length}: max|diff| {diff}"
+
+
+def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(store, tiny_checkpoint) -> None:
+    version = ModelRepository(store).resolve("alibi-onnx")
+    assert version.manifest.signature.generation_mode == "kv_cache"
+    assert version.manifest.signature.cache is not None
+    ckpt = load_checkpoint(tiny_checkpoint("alibi"))
+    runner = _runner(version)
+    ids = torch.randint(4, ckpt.config.vocab_size, (1, 40))
+    cache = ckpt.model.empty_cache(1, torch.float32, torch.device("cpu")).numpy()
+    out = runner.run(
+        {
+            "input_ids": ids[:, :-1].numpy(),
+            "attention_mask": np.ones((1, 39), np.int64),
+            "past_key_values": cache,
+        }
+    )
+    step = runner.run(
+        {
+            "input_ids": ids[:, -1:].numpy(),
+            "attention_mask": np.ones((1, 40), np.int64),
+            "past_key_values": out["present_key_values"],
+        }
+    )
+    with torch.no_grad():
+        full, _ = ckpt.model(ids, torch.ones_like(ids))
+    np.testing.assert_allclose(step["logits"][0, -1], full[0, -1].numpy(), atol=1e-4)
+
+
+def test_reformer_manifest_says_full_sequence_generation(store) -> None:
+    manifest = ModelRepository(store).resolve("reformer-onnx").manifest
+    assert manifest.task == "generate"
+    assert manifest.signature.generation_mode == "full_sequence"
+
+
+def test_alibi_extrapolation_curve_sets_max_context(store, tiny_checkpoint) -> None:
+    manifest = ModelRepository(store).resolve("alibi-onnx").manifest
+    curve = manifest.extrapolation
+    assert curve is not None
+    trained = manifest.trained_context
+    assert curve.lengths == [trained, 2 * trained, 4 * trained, 8 * trained]
+    assert curve.ratios[0] == 1.0
+    ok = [n for n, r in zip(curve.lengths, curve.ratios, strict=True) if r <= 1.05]
+    assert manifest.max_context in ok and manifest.max_context >= trained
+    assert curve.max_context_override is None
+
+
+def test_max_context_override_is_recorded(tmp_path, tiny_checkpoint) -> None:
+    result = export(
+        ExportRequest(
+            checkpoint=tiny_checkpoint("alibi"),
+            store=tmp_path,
+            name="alibi",
+            format="onnx",
+            max_context=100,
+            progress=False,
+        )
+    )
+    manifest = result.published.manifest
+    assert manifest.max_context == 100
+    assert manifest.extrapolation is not None
+    assert manifest.extrapolation.max_context_override == 100
+    assert 100 in manifest.parity.lengths
+
+
+def test_int8_onnx_reports_cosine_and_argmax(tmp_path, tiny_checkpoint) -> None:
+    result = export(
+        ExportRequest(
+            checkpoint=tiny_checkpoint("shatter"),
+            store=tmp_path,
+            name="shatter-int8",
+            format="onnx",
+            precision="int8",
+            progress=False,
+        )
+    )
+    parity = result.published.manifest.parity
+    assert parity.tolerance is None
+    assert parity.min_cosine is not None and parity.min_cosine >= 0.99
+    assert parity.argmax_agreement is not None and parity.argmax_agreement > 0.5
+    # Really quantized: the matmuls run as integer kernels.
+    ops = {node.op_type for node in onnx.load(str(result.published.model_path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+
+
+def test_bf16_torchscript_passes_the_cosine_floor(tmp_path, tiny_checkpoint) -> None:
+    result = export(
+        ExportRequest(
+            checkpoint=tiny_checkpoint("linformer"),
+            store=tmp_path,
+            name="lin-bf16",
+            format="torchscript",
+            precision="bf16",
+            progress=False,
+        )
+    )
+    parity = result.published.manifest.parity
+    assert result.published.manifest.precision == "bf16"
+    assert parity.min_cosine is not None and parity.min_cosine >= 0.99
+
+
+def test_failed_parity_publishes_nothing(tmp_path, tiny_checkpoint, monkeypatch) -> None:
+    # ORT's kernels differ from eager by ~1e-7: a 1e-12 tolerance must fail.
+    monkeypatch.setattr(parity_module, "FP32_TOLERANCE", 1e-12)
+    with pytest.raises(ParityError, match="nothing was published") as exc:
+        export(
+            ExportRequest(
+                checkpoint=tiny_checkpoint("linformer"),
+                store=tmp_path,
+                name="lin",
+                format="onnx",
+                progress=False,
+            )
+        )
+    assert not exc.value.report.passed
+    assert ModelRepository(tmp_path).list_models() == []
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_below_cosine_floor_is_refused(tmp_path, tiny_checkpoint, monkeypatch) -> None:
+    monkeypatch.setattr(parity_module, "MIN_COSINE", 1.000001)
+    with pytest.raises(ParityError):
+        export(
+            ExportRequest(
+                checkpoint=tiny_checkpoint("shatter"),
+                store=tmp_path,
+                name="s",
+                format="onnx",
+                precision="int8",
+                progress=False,
+            )
+        )
+    assert ModelRepository(tmp_path).list_models() == []
+
+
+def test_a_frozen_sequence_axis_is_detected(tmp_path, tiny_checkpoint) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint("shatter"))
+    spec = graph_spec("encode", ckpt.config)
+    ids = torch.randint(4, ckpt.config.vocab_size, (2, 8))
+    path = tmp_path / "static.onnx"
+    export_onnx(
+        wrap(ckpt.model, spec, torch.float32),
+        spec,
+        (ids, torch.ones_like(ids)),
+        path,
+        dynamic=False,
+    )
+    with pytest.raises(FrozenAxisError, match=r"input 'input_ids' axis 0 \(batch\)"):
+        check_dynamic_axes(path, spec)
+    # And the real export keeps both axes symbolic.
+    dynamic = tmp_path / "dynamic.onnx"
+    export_onnx(wrap(ckpt.model, spec, torch.float32), spec, (ids, torch.ones_like(ids)), dynamic)
+    check_dynamic_axes(dynamic, spec)
+    dims = onnx.load(str(dynamic)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims)
+
+
+def test_unsupported_precision_is_a_clear_error(tmp_path, tiny_checkpoint) -> None:
+    with pytest.raises(ValueError, match="precision bf16 is not supported for onnx"):
+        export(
+            ExportRequest(
+                checkpoint=tiny_checkpoint("shatter"),
+                store=tmp_path,
+                name="s",
+                format="onnx",
+                precision="bf16",
+                progress=False,
+            )
+        )
+
+
+def test_cli_export_then_tamper_makes_verify_fail_naming_the_file(
+    tmp_path, tiny_checkpoint, capsys
+) -> None:
+    store_dir = tmp_path / "store"
+    code = exporters_main(
+        [
+            "export",
+            str(tiny_checkpoint("shatter")),
+            "--format",
+            "torchscript",
+            "--store",
+            str(store_dir),
+            "--name",
+            "shatter-demo-ts",
+        ]  # fmt: skip
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "parity PASS" in out and "published" in out
+    assert store_main(["verify", str(store_dir)]) == 0
+    capsys.readouterr()
+
+    model_file = store_dir / "shatter-demo-ts" / "1" / "model.ts"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    assert store_main(["verify", str(store_dir)]) != 0
+    out = capsys.readouterr().out
+    assert "model.ts" in out
+    manifest = json.loads((model_file.parent / "manifest.json").read_text())
+    assert manifest["files"]["model.ts"]["sha256"] in out
+
+
+def test_cli_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
+    code = exporters_main(
+        [
+            "export",
+            str(tmp_path / "nope"),
+            "--format",
+            "onnx",
+            "--store",
+            str(tmp_path),
+            "--name",
+            "x",
+        ]
+    )
+    assert code == 2
+    assert "is not a Longhaul checkpoint" in capsys.readouterr().err
