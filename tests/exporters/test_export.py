@@ -272,7 +272,7 @@ def test_cli_export_then_tamper_makes_verify_fail_naming_the_file(
             str(store_dir),
             "--name",
             "shatter-demo-ts",
-        ]  # fmt: skip
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0
