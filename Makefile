@@ -32,5 +32,11 @@ fmt: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# The demo store: checkpoints are trained once (cached in checkpoints/), exports are skipped when
+# already published, so a second `make models` only verifies.
+models: $(STAMP)
+	$(PY) -m exporters demo-store --checkpoints checkpoints --store $(STORE)
+	$(PY) -m model_store verify $(STORE)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_store(args: argparse.Namespace) -> int:
+    from exporters.demo_store import build_demo_store
+    from model_store import ModelRepository
+
+    started = time.perf_counter()
+    timings = build_demo_store(args.checkpoints, args.store, print, preset=args.preset)
+    results = ModelRepository(args.store).verify_all()
+    bad = [f"{name}/{version}" for (name, version), result in results.items() if not result.ok]
+    for step, seconds in timings.items():
+        print(f"{step:<32}{seconds:8.1f} s")
+    print(
+        f"demo store {args.store}: {len(results)} versions, "
+        f"{'all verified' if not bad else 'FAILED: ' + ', '.join(bad)}, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the measured/verified max_context (recorded in the manifest)",
     )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo-store", help="train (once) and export the demo models to a store")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--store", type=Path, default=Path("models"))
+    p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    p.set_defaults(func=_cmd_demo_store)
     return parser
 
 

@@ -44,6 +44,9 @@ class Preset:
     lr: float
     tokenizer_bytes: int  # corpus text used to learn the BPE merges
     train_bytes: int  # corpus text tokenised for training
+    # Wall-clock cap on the optimisation loop: on a slow or busy machine the demo stops early
+    # (the report records the steps really taken) rather than overrun its 2.5-minute budget.
+    time_limit_seconds: float | None = None
 
 
 _TINY = {
@@ -59,10 +62,11 @@ _DEMO = {
     "vocab_size": 2048,
     "seq_len": 256,
     "batch_size": 16,
-    "steps": 600,
+    "steps": 400,
     "lr": 2e-3,
     "tokenizer_bytes": 3_000_000,
     "train_bytes": 6_000_000,
+    "time_limit_seconds": 120.0,
 }
 
 PRESETS: dict[str, dict[str, Preset]] = {
@@ -247,6 +251,7 @@ def train(
         progress_frac = (step - warmup) / max(1, steps - warmup)
         return preset.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
 
+    steps_done = 0
     bar = tqdm(range(steps), desc=f"train {arch}/{preset_name}", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
@@ -260,8 +265,15 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        steps_done = step + 1
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if preset.time_limit_seconds and time.perf_counter() - started > preset.time_limit_seconds:
+            bar.write(
+                f"time limit {preset.time_limit_seconds:.0f} s reached after {steps_done} steps"
+            )
+            break
+    bar.close()
     train_seconds = time.perf_counter() - started
 
     model.eval()
@@ -279,7 +291,8 @@ def train(
         "preset": preset_name,
         "task": config.task,
         "objective": "mlm" if config.task == "encode" else "next-token",
-        "steps": steps,
+        "steps": steps_done,
+        "steps_planned": steps,
         "seed": seed,
         "batch_size": preset.batch_size,
         "seq_len": preset.seq_len,
