@@ -1,0 +1,59 @@
+"""Wire schemas of ``GET /v1/models`` (OpenAI list shape + Longhaul fields) and the admin routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.engine.registry import ServedModel
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="export time of the served version, Unix seconds")
+    owned_by: str = "longhaul"
+    # Longhaul fields (OpenAI clients ignore them).
+    version: int
+    task: str
+    architecture: str
+    format: str
+    precision: str
+    max_context: int
+    trained_context: int
+    provider: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: Annotated[int, Field(ge=1)] | None = Field(None, description="default: the newest")
+
+
+class UnloadResponse(BaseModel):
+    id: str
+    version: int
+    object: Literal["model"] = "model"
+    unloaded: bool = True
+
+
+def card(served: ServedModel) -> ModelCard:
+    manifest = served.loaded.manifest
+    return ModelCard(
+        id=served.name,
+        created=int(manifest.provenance.created_at.timestamp()),
+        version=served.version,
+        task=manifest.task,
+        architecture=manifest.architecture,
+        format=manifest.format,
+        precision=manifest.precision,
+        max_context=manifest.max_context,
+        trained_context=manifest.trained_context,
+        provider=served.loaded.backend.provider,
+    )

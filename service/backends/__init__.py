@@ -1,0 +1,45 @@
+"""Inference backends; ``create_backend`` picks one by the manifest's format (a small registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from model_store import ModelVersion
+from service.backends.base import Backend, BackendError
+from service.settings import Settings
+
+
+def _onnx(version: ModelVersion, settings: Settings) -> Backend:
+    from service.backends.onnx import OnnxBackend
+
+    return OnnxBackend(version.model_path, settings.providers, settings.intra_op_threads)
+
+
+def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
+    from service.backends.torchscript import TorchScriptBackend
+
+    signature = version.manifest.signature
+    return TorchScriptBackend(
+        version.model_path,
+        [spec.name for spec in signature.inputs],
+        [spec.name for spec in signature.outputs],
+        settings.intra_op_threads,
+    )
+
+
+# Imports are deferred so a deployment serving only ONNX never pays for importing torch.
+BACKENDS: dict[str, Callable[[ModelVersion, Settings], Backend]] = {
+    "onnx": _onnx,
+    "torchscript": _torchscript,
+}
+
+
+def create_backend(version: ModelVersion, settings: Settings) -> Backend:
+    """A backend for ``version`` by ``manifest.format``; ``BackendError`` if it cannot load."""
+    factory = BACKENDS.get(version.manifest.format)
+    if factory is None:
+        raise BackendError(f"{version.path}: no backend for format {version.manifest.format!r}")
+    return factory(version, settings)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "create_backend"]

@@ -1,0 +1,46 @@
+"""load_model: verified files only; typed errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_store import ModelRepository
+from service.backends.onnx import OnnxBackend
+from service.engine.errors import ModelNotFound, ModelVerificationError
+from service.engine.models import load_model
+from service.settings import Settings
+from tests.service.conftest import ServiceStore
+
+
+def test_loads_a_verified_version(service_store: ServiceStore) -> None:
+    repo = ModelRepository(service_store.root)
+    loaded = load_model(repo, "lin", None, Settings(store=service_store.root))
+    assert (loaded.name, loaded.version, loaded.manifest.task) == ("lin", 1, "encode")
+    assert isinstance(loaded.backend, OnnxBackend)
+    assert loaded.tokenizer.encode("x").ids[0] == 3
+
+
+def test_checksum_mismatch_names_the_file(store_copy: ServiceStore) -> None:
+    repo = ModelRepository(store_copy.root)
+    tokenizer = repo.resolve("lin").tokenizer_path
+    tokenizer.write_text(tokenizer.read_text().replace("<cls>", "<CLS>"))
+    with pytest.raises(ModelVerificationError, match=r"tokenizer\.json has sha256") as info:
+        load_model(repo, "lin", 1, Settings(store=store_copy.root))
+    assert info.value.files == ["tokenizer.json"]
+
+
+def test_unlisted_file_fails_verification(store_copy: ServiceStore) -> None:
+    repo = ModelRepository(store_copy.root)
+    (repo.resolve("lin").path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ModelVerificationError, match=r"extra\.bin is not listed"):
+        load_model(repo, "lin", None, Settings(store=store_copy.root))
+
+
+@pytest.mark.parametrize(("name", "version"), [("nope", None), ("lin", 7)])
+def test_unknown_model_or_version(
+    service_store: ServiceStore, name: str, version: int | None
+) -> None:
+    with pytest.raises(ModelNotFound):
+        load_model(
+            ModelRepository(service_store.root), name, version, Settings(store=service_store.root)
+        )
