@@ -1,0 +1,186 @@
+"""``POST /v1/generate`` (native) and ``POST /v1/completions`` (OpenAI-compatible): thin routers
+over :class:`~service.engine.generation.GenerationEngine`.
+
+Every limit is checked before a response starts (400/404/422/429 arrive as ordinary error
+answers, also for ``stream: true``). A request holds a lease on the model version for as long as
+its generation runs, so a reload waits for it. Whichever way the client goes away — a streaming
+connection closed mid-stream, or a non-streaming request abandoned while it waits — the sequence
+is cancelled and the engine frees its cache at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from service.api.deps import ApiKey, AppSettings, Registry
+from service.api.errors import ERROR_RESPONSES
+from service.api.generate_protocol import (
+    CompletionIdentity,
+    CompletionRequest,
+    CompletionResponse,
+    GenerateRequest,
+    GenerateResponse,
+    check_max_new_tokens,
+    generate_response,
+    generate_stream_events,
+)
+from service.engine.errors import EngineError, WrongTask
+from service.engine.generation import (
+    GenerationChunk,
+    GenerationEngine,
+    GenerationResult,
+    GenerationStream,
+)
+from service.engine.registry import ModelRegistry, ServedModel
+from service.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[ApiKey])
+
+#: nginx's convention for "client closed the request": recorded in requests_total, never seen.
+CLIENT_CLOSED = 499
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: 200 may be JSON or, with ``stream: true``, an event stream; say so in /docs.
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"content": {"text/event-stream": {"description": "with stream: true"}}},
+}
+
+
+class _Session:
+    """One generation bound to a lease on its model version. ``close`` is idempotent."""
+
+    def __init__(self, served: ServedModel, stream: GenerationStream) -> None:
+        self.served = served
+        self.stream = stream
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.stream.cancel()  # no-op when the generation already finished
+            self.served.release()
+
+    async def result(self, request: Request) -> GenerationResult | None:
+        """The whole generation, or None if the client disconnected first (then cancelled)."""
+        collecting = asyncio.ensure_future(self.stream.collect())
+        watching = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if collecting.done():
+                return collecting.result()
+            return None
+        finally:
+            for task in (collecting, watching):
+                task.cancel()
+            self.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read, so nothing else arrives)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _open(
+    registry: ModelRegistry, request: Request, name: str, prompt: str | list[int],
+    params: SamplingParams,
+) -> _Session:  # fmt: skip
+    request.state.model = name  # the metrics middleware labels requests_total with it
+    served = registry.get(name)
+    if not isinstance(served.engine, GenerationEngine):
+        raise WrongTask(name, served.task, "generate")
+    served.acquire()
+    try:
+        stream = await served.engine.submit(prompt, params)
+    except BaseException:
+        served.release()
+        raise
+    return _Session(served, stream)
+
+
+def _sse(data: object) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _event_stream(
+    session: _Session, render: Callable[[GenerationChunk], list[dict[str, Any]]]
+) -> StreamingResponse:
+    """Chunks as Server-Sent Events, then ``data: [DONE]``.
+
+    A failure after the response started cannot change the status any more: it is sent as an
+    OpenAI-style ``data: {"error": ...}`` event (the openai client raises on it) and the stream
+    ends without [DONE].
+    """
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in session.stream:
+                for payload in render(chunk):
+                    yield _sse(payload)
+            yield b"data: [DONE]\n\n"
+        except EngineError as exc:  # e.g. the model was unloaded mid-stream
+            yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded"))
+        except Exception:
+            log.exception("generation failed mid-stream")
+            yield _sse(_error_payload("generation failed", "server_error", "internal_error"))
+        finally:
+            # Also runs when Starlette cancels this generator because the client disconnected.
+            session.close()
+
+    # The background task covers a response that never started iterating (client gone first).
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers=SSE_HEADERS,
+        background=BackgroundTask(session.close),
+    )  # fmt: skip
+
+
+def _error_payload(message: str, type_: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=RESPONSES)
+async def generate(
+    body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings
+) -> Response:
+    """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
+    last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
+    check_max_new_tokens(body.max_new_tokens, settings, "max_new_tokens")
+    session = await _open(registry, request, body.model, body.prompt, body.to_sampling_params())
+    if body.stream:
+        return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
+    result = await session.result(request)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(generate_response(body.model, result))
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
+async def completions(
+    body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings
+) -> Response:
+    """OpenAI-compatible text completion (n = 1; no logprobs, echo, suffix or penalties)."""
+    refusal = body.unsupported()
+    if refusal is not None:
+        raise refusal
+    check_max_new_tokens(body.max_tokens, settings, "max_tokens")
+    session = await _open(registry, request, body.model, body.prompt, body.to_sampling_params())
+    identity = CompletionIdentity(body.model)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _event_stream(session, lambda chunk: identity.stream_events(chunk, include_usage))
+    result = await session.result(request)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(identity.response(result))

@@ -1,0 +1,96 @@
+"""GenerationEngine on a ``full_sequence`` graph (causal Reformer, TorchScript): every step
+recomputes each running sequence in full, left-padded to the longest row."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_store import ModelRepository
+from service.engine.generation import GenerationEngine, GenerationResult
+from service.engine.models import LoadedModel, load_model
+from service.engine.sampling import SamplingParams
+from service.metrics import Metrics
+from service.settings import Settings
+from tests.service.conftest import EagerReference
+from tests.service.engine.test_generation import OTHER_PROMPTS, PROMPT, Probe, run, with_backend
+
+
+@pytest.fixture(scope="module")
+def reformer(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]
+) -> Iterator[tuple[LoadedModel, EagerReference]]:
+    from exporters.export import ExportRequest, export
+
+    ckpt = tiny_checkpoint("reformer")
+    store = tmp_path_factory.mktemp("reformer-store")
+    # TorchScript: the dynamo ONNX export of the causal Reformer fails in this torch version.
+    export(ExportRequest(ckpt, store, "ref", "torchscript", progress=False))
+    model = load_model(ModelRepository(store), "ref", None, Settings(store=store))
+    assert model.manifest.signature.generation_mode == "full_sequence"
+    yield model, EagerReference(ckpt)
+    model.close()
+
+
+async def generate_all(
+    model: LoadedModel, requests: list[tuple[str, SamplingParams]], gate: Probe | None = None
+) -> list[GenerationResult]:
+    """Run the requests together; with ``gate``, none starts before all are queued."""
+    engine = GenerationEngine(model, Settings(drain_timeout_seconds=5.0), Metrics())
+    await engine.start()
+    try:
+        if gate is not None:
+            gate.gate.clear()
+        streams = [await engine.submit(prompt, params) for prompt, params in requests]
+        if gate is not None:
+            gate.gate.set()
+        results = await asyncio.gather(*(s.collect() for s in streams))
+        assert engine.stats().kv_cache_bytes == 0  # no cache in this mode
+        return list(results)
+    finally:
+        await engine.stop()
+
+
+def test_each_step_is_the_eager_full_recompute(
+    reformer: tuple[LoadedModel, EagerReference],
+) -> None:
+    model, reference = reformer
+    probe = Probe(model.backend)
+    (result,) = run(
+        generate_all(
+            with_backend(model, probe), [(PROMPT, SamplingParams(max_new_tokens=8, temperature=0))]
+        )
+    )
+    ids = reference.token_ids(PROMPT)
+    # One forward pass per token over the whole sequence so far: prompt, then prompt + 1, ...
+    assert [c.input_shape for c in probe.calls] == [(1, len(ids) + i) for i in range(8)]
+    with torch.no_grad():
+        x = torch.tensor([ids + result.token_ids[:-1]], dtype=torch.long)
+        eager_logits = reference.ckpt.model(x, torch.ones_like(x))[0][0, len(ids) - 1 :].numpy()
+    served = np.stack([c.outputs["logits"][0, -1] for c in probe.calls])
+    np.testing.assert_allclose(served, eager_logits, atol=1e-4)
+    assert result.token_ids == [int(t) for t in eager_logits.argmax(axis=-1)]
+
+
+def test_left_padded_batch_gives_each_sequence_its_solo_output(
+    reformer: tuple[LoadedModel, EagerReference],
+) -> None:
+    model, _ = reformer
+    ours = (PROMPT, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
+    others = [
+        (OTHER_PROMPTS[1] * 2, SamplingParams(max_new_tokens=20, temperature=1.0, seed=9)),
+        (OTHER_PROMPTS[0], SamplingParams(max_new_tokens=3, temperature=0)),
+    ]
+    probe = Probe(model.backend)
+    (alone,) = run(generate_all(model, [ours]))
+    together = run(
+        generate_all(with_backend(model, probe), [others[0], ours, others[1]], gate=probe)
+    )
+    assert together[1].token_ids == alone.token_ids
+    assert together[1].text == alone.text
+    assert max(c.input_shape[0] for c in probe.calls) == 3  # they really shared forward passes
