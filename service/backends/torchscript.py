@@ -26,6 +26,10 @@ class TorchScriptBackend(Backend):
         if intra_op_threads:
             # Process-wide in torch; the last model loaded decides. Same value for every model.
             torch.set_num_threads(intra_op_threads)
+        # The profiling executor re-specialises the graph for every new input shape; serving
+        # sees a new (batch, length) almost every call, which showed up as 300 ms spikes per
+        # decode step. The legacy executor runs the traced graph as is. Process-wide, like threads.
+        torch._C._jit_set_profiling_executor(False)
         self.device = choose_device(torch.cuda.is_available())
         try:
             with warnings.catch_warnings():
