@@ -163,7 +163,8 @@ def _windows(stream: np.ndarray, starts: Tensor, length: int) -> Tensor:
 
 
 def _mlm_batch(windows: Tensor, vocab_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """BERT-style masking: MLM_PROBABILITY of positions are targets; of those 80% <mask>, 10% random, 10% kept.
+    """BERT-style masking: MLM_PROBABILITY of positions are targets (80% <mask>, 10% random,
+    10% kept).
 
     Position 0 holds <cls> and is never a target. Returns (inputs, labels) with -100 = ignore.
     """
