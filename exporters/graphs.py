@@ -66,7 +66,9 @@ def graph_spec(task: str, config: object) -> GraphSpec:
     """The signature of the graph exported for a model with this task and config."""
     ids = ("input_ids", "int64", ("batch", "sequence"))
     logits = ("logits", "float32", ("batch", "sequence", config.vocab_size))  # type: ignore[attr-defined]
-    hidden = ("hidden", "float32", ("batch", "sequence", config.d_model))  # type: ignore[attr-defined]
+    # hidden_size where a config has one (a Reformer concatenating its streams is 2·d_model wide)
+    width = getattr(config, "hidden_size", config.d_model)  # type: ignore[attr-defined]
+    hidden = ("hidden", "float32", ("batch", "sequence", width))
     if task == "encode":
         return GraphSpec(
             "encode", (ids, ("attention_mask", "int64", ("batch", "sequence"))), (logits, hidden)
@@ -78,7 +80,8 @@ def graph_spec(task: str, config: object) -> GraphSpec:
             (logits, hidden),
         )
     layers, heads = config.n_layers, config.n_heads  # type: ignore[attr-defined]
-    head_dim = config.d_model // heads  # type: ignore[attr-defined]
+    # head_dim where a config has one (a Reformer's attn_head_dim may differ from d_model / h)
+    head_dim = getattr(config, "head_dim", config.d_model // heads)  # type: ignore[attr-defined]
     past = ("past_key_values", "float32", (layers, 2, "batch", heads, "past_sequence", head_dim))
     present = (
         "present_key_values",
@@ -90,9 +93,15 @@ def graph_spec(task: str, config: object) -> GraphSpec:
 
 
 def _has_kv_cache(config: object) -> bool:
+    """A model class with ``forward_cached``, and, where the class says which configs its cache
+    reproduces (``supports_kv_cache``, e.g. Reformer: causal native LSH only), this config."""
     from exporters.architectures import ARCHITECTURES, architecture_of
 
-    return hasattr(ARCHITECTURES[architecture_of(config)].model_class, "forward_cached")
+    model_class = ARCHITECTURES[architecture_of(config)].model_class
+    if not hasattr(model_class, "forward_cached"):
+        return False
+    supports = getattr(model_class, "supports_kv_cache", None)
+    return supports is None or bool(supports(config))
 
 
 def wrap(model: nn.Module, spec: GraphSpec, dtype: torch.dtype) -> nn.Module:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,27 +24,43 @@ from torch import Tensor, nn
 
 from exporters.architectures.common import (
     SPECIAL_TOKENS,
+    Activation,
     FeedForward,
     LMHead,
     init_weights,
+    require_choice,
     require_positive,
+    require_token_ids,
 )
 
+SlopeRule = Literal["paper", "mpt"]
 
-def alibi_slopes(n_heads: int) -> Tensor:
-    """(h,) per-head slopes, exactly the official ``get_slopes``.
 
-    For h a power of two: the geometric sequence 2^(−8/h), 2^(−16/h), …, 2^(−8). Otherwise take
-    the largest power of two n < h, use its slopes, and append every other slope of the 2n-head
-    sequence (the ones falling between the n-head slopes) until there are h.
+def alibi_slopes(n_heads: int, bias_max: float = 8.0, rule: SlopeRule = "paper") -> Tensor:
+    """(h,) per-head slopes.
+
+    "paper" is exactly the official ``get_slopes`` (and BLOOM's): for h a power of two, the
+    geometric sequence 2^(−8/h), 2^(−16/h), …, 2^(−8). Otherwise take the largest power of two
+    n < h, use its slopes, and append every other slope of the 2n-head sequence (the ones falling
+    between the n-head slopes) until there are h.
+
+    "mpt" is MosaicML's variant: the sequence for the next power of two n ≥ h, and when n > h
+    the odd-indexed slopes first, then the even-indexed ones, cut to h. For h a power of two the
+    two rules agree. ``bias_max`` (MPT's ``alibi_bias_max``) replaces the 8 in the exponents.
     """
     require_positive("n_heads", n_heads)
 
     def power_of_two(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+        return [2.0 ** (-bias_max * (i + 1) / n) for i in range(n)]
 
-    n = 2 ** math.floor(math.log2(n_heads))
-    slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: n_heads - n]
+    if rule == "mpt":
+        n = 2 ** math.ceil(math.log2(n_heads))
+        slopes = power_of_two(n)
+        if n != n_heads:
+            slopes = (slopes[1::2] + slopes[0::2])[:n_heads]
+    else:
+        n = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(n) + power_of_two(2 * n)[0::2][: n_heads - n]
     return torch.tensor(slopes, dtype=torch.float32)
 
 
@@ -58,7 +75,12 @@ def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -
 
 
 def alibi_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, key_padding_mask: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    key_padding_mask: Tensor,
+    scale: float | None = None,
 ) -> Tensor:
     """Causal softmax attention with an additive bias.
 
@@ -66,6 +88,7 @@ def alibi_attention(
     (the past cache followed by the new tokens), so query i sits at slot s − t + i.
     bias (b, h, t, s) or (h, t, s); key_padding_mask (b, s), 1 for real keys and 0 for padding.
     Returns (b, h, t, e). A query with no visible key (a left-pad slot) gets a uniform, finite row.
+    ``scale`` multiplies q·k; None is the usual 1/√e.
     """
     t, s = q.shape[-2], k.shape[-2]
     key_slots = torch.arange(s, device=q.device)
@@ -74,7 +97,8 @@ def alibi_attention(
     allowed = causal & key_padding_mask.bool()[:, None, None, :]  # (b, 1, t, s)
     # Scores, bias and softmax in fp32 so a bf16/fp16 model keeps large distances exact; one
     # masked_fill (not a sum of large negatives) so nothing can overflow to -inf and give NaN.
-    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + bias  # (b, h, t, s)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * scale + bias  # (b, h, t, s)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return F.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, h, t, e)
 
@@ -89,6 +113,17 @@ class AlibiConfig:
     trained_context: int  # training sequence length; informational, not a limit
     dropout: float = 0.0  # residual/embedding dropout during training; inactive in eval
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+    # The fields below let imported checkpoints (BLOOM, MPT) run on this architecture unforked;
+    # their defaults are Longhaul's own model.
+    embed_layer_norm: bool = False  # LayerNorm right after the token embedding (BLOOM)
+    bias: bool = True  # biases in the blocks' linear layers and in every LayerNorm (MPT: none)
+    activation: Activation = "gelu_tanh"  # feed-forward activation (MPT: exact "gelu")
+    alibi_slope_rule: SlopeRule = "paper"  # "paper" (official, BLOOM) or "mpt" (see alibi_slopes)
+    alibi_bias_max: float = 8.0  # the 8 in the slope exponents (MPT's alibi_bias_max)
+    clip_qkv: float | None = None  # clamp q, k, v to [−clip, clip] after projection (MPT)
+    softmax_scale: float | None = None  # score scale; None = 1/√head_dim (MPT's softmax_scale)
+    eos_token_id: int | None = 1  # generation stops here; None = only at the length limit
+    pad_token_id: int = 0  # fills padded slots (always masked, so any id works)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "trained_context"):
@@ -106,6 +141,15 @@ class AlibiConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+        require_choice("activation", self.activation, Activation)
+        require_choice("alibi_slope_rule", self.alibi_slope_rule, SlopeRule)
+        if self.alibi_bias_max <= 0:
+            raise ValueError(f"alibi_bias_max must be positive, got {self.alibi_bias_max}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ValueError(f"clip_qkv must be positive or None, got {self.clip_qkv}")
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale}")
+        require_token_ids(self.vocab_size, self.eos_token_id, self.pad_token_id)
 
     @property
     def task(self) -> str:
@@ -125,21 +169,26 @@ class AlibiSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.out = nn.Linear(config.d_model, config.d_model)
+        self.clip_qkv = config.clip_qkv
+        self.softmax_scale = config.softmax_scale
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
     def forward(
         self, x: Tensor, bias: Tensor, key_padding_mask: Tensor, past_kv: Tensor
     ) -> tuple[Tensor, Tensor]:
         """x (b, t, d), past_kv (2, b, h, s_past, e) -> (b, t, d), present (2, b, h, s, e)."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        qkv = self.qkv(x)  # (b, t, 3d)
+        if self.clip_qkv is not None:  # config switch, not a tensor value: export-safe
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        q, k, v = qkv.chunk(3, dim=-1)
         # unflatten rather than view(b, t, ...) so no batch/length size is baked into a trace.
         q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         k = k.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         v = v.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         k = torch.cat([past_kv[0], k], dim=2)  # (b, h, s, e)
         v = torch.cat([past_kv[1], v], dim=2)  # (b, h, s, e)
-        y = alibi_attention(q, k, v, bias, key_padding_mask)  # (b, h, t, e)
+        y = alibi_attention(q, k, v, bias, key_padding_mask, self.softmax_scale)  # (b, h, t, e)
         y = y.transpose(1, 2).flatten(2)  # (b, t, d)
         return self.out(y), torch.stack([k, v])
 
@@ -149,10 +198,11 @@ class AlibiBlock(nn.Module):
 
     def __init__(self, config: AlibiConfig) -> None:
         super().__init__()
-        self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        eps, bias = config.layer_norm_eps, config.bias
+        self.ln_attn = nn.LayerNorm(config.d_model, eps=eps, bias=bias)
         self.attn = AlibiSelfAttention(config)
-        self.ln_ff = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ff = FeedForward(config.d_model, config.d_ff)
+        self.ln_ff = nn.LayerNorm(config.d_model, eps=eps, bias=bias)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.activation, bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -169,9 +219,12 @@ class AlibiLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        # Only created when configured, so Longhaul's own checkpoints keep their exact key set.
+        if config.embed_layer_norm:
+            self.embed_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(AlibiBlock(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.head = LMHead(config.d_model, config.vocab_size)
         init_weights(self)
 
@@ -191,10 +244,14 @@ class AlibiLM(nn.Module):
         # slots get a repeated position but are masked as keys and their outputs are unused.
         key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, s)
         query_positions = key_positions[:, past_key_values.shape[-2] :]  # (b, t)
-        slopes = alibi_slopes(self.config.n_heads).to(input_ids.device)
+        c = self.config
+        slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule).to(input_ids.device)
         bias = alibi_bias(slopes, query_positions, key_positions)  # (b, h, t, s)
 
-        x = self.drop(self.embed(input_ids))  # (b, t, d)
+        x = self.embed(input_ids)  # (b, t, d)
+        if c.embed_layer_norm:
+            x = self.embed_norm(x)
+        x = self.drop(x)
         presents = []
         for layer, block in enumerate(self.blocks):
             x, present = block(x, bias, attention_mask, past_key_values[layer])

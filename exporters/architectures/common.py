@@ -9,7 +9,9 @@ the service):
 
 * ``forward(input_ids, attention_mask) -> (logits, hidden)`` for every model:
   ``input_ids`` (b, t) int64, ``attention_mask`` (b, t) int64 with 1 for real tokens and 0 for
-  padding; ``logits`` (b, t, v) float, ``hidden`` (b, t, d) the final normalised hidden states.
+  padding; ``logits`` (b, t, v) float, ``hidden`` (b, t, d) the final (normalised, where the
+  model has a final norm) hidden states; a Reformer that concatenates its two reversible streams
+  (``stream_merge="concat"``) returns (b, t, 2d), its config's ``hidden_size``.
   Outputs at padding positions are unspecified but finite.
 * The ALiBi decoder also has ``forward_cached(input_ids, attention_mask, past_key_values)`` ->
   ``(logits, present_key_values)`` where the mask covers past + new tokens (b, s + t) and the cache
@@ -21,6 +23,9 @@ the service):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +40,30 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MASK_TOKEN, CLS_TOKEN)
 PAD_ID, EOS_ID, MASK_ID, CLS_ID = range(len(SPECIAL_TOKENS))
 
 
-class FeedForward(nn.Module):
-    """Position-wise MLP: d -> d_ff -> d with GELU (tanh form: exports to one ONNX pattern)."""
+# Feed-forward activations by config name. "gelu_tanh" is Longhaul's own (it exports to one ONNX
+# pattern); the others exist because imported models were trained with them: exact GELU (MPT,
+# lucidrains/linformer) and ReLU (HF Reformer's default).
+Activation = Literal["gelu_tanh", "gelu", "relu"]
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: d -> d_ff -> activation -> d."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, activation: Activation = "gelu_tanh", bias: bool = True
+    ) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(d_model, d_ff)
-        self.fc_out = nn.Linear(d_ff, d_model)
+        self.fc_in = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class LMHead(nn.Module):
@@ -97,3 +116,17 @@ def require_positive(name: str, value: int) -> None:
     """Shared config validation: a clear message naming the field."""
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def require_choice(name: str, value: object, choices: object) -> None:
+    """Shared config validation for Literal fields: ``choices`` is the Literal type."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def require_token_ids(vocab_size: int, eos_token_id: int | None, pad_token_id: int) -> None:
+    """Special token ids recorded in a config must name real vocabulary entries."""
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and not 0 <= value < vocab_size:
+            raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got {value}")

@@ -27,9 +27,11 @@ from torch import Tensor, nn
 
 from exporters.architectures.common import (
     SPECIAL_TOKENS,
+    Activation,
     FeedForward,
     LMHead,
     init_weights,
+    require_choice,
     require_positive,
 )
 
@@ -77,6 +79,9 @@ class LinformerConfig:
     n_max: int = 256  # longest input: the size of E/F and of the position table (hard limit)
     sharing: Sharing = "none"  # how E/F are shared: "none" | "key-value" | "layerwise"
     norm_eps: float = 1e-5  # LayerNorm epsilon
+    # For imported checkpoints (lucidrains/linformer); the defaults are Longhaul's own model.
+    activation: Activation = "gelu_tanh"  # feed-forward activation (lucidrains: exact "gelu")
+    final_norm: bool = True  # LayerNorm before the LM head (lucidrains' LinformerLM has none)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "k", "n_max"):
@@ -99,6 +104,7 @@ class LinformerConfig:
             )
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        require_choice("activation", self.activation, Activation)
 
     @property
     def task(self) -> Literal["encode"]:
@@ -143,7 +149,7 @@ class LinformerBlock(nn.Module):
         self.norm_attn = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.attn = LinformerSelfAttention(config)
         self.norm_ff = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.ff = FeedForward(config.d_model, config.d_ff)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
 
     def forward(self, x: Tensor, key_mask: Tensor, E: Tensor, F: Tensor) -> Tensor:
         x = x + self.attn(self.norm_attn(x), key_mask, E, F)
@@ -166,7 +172,12 @@ class LinformerEncoder(nn.Module):
         self.seq_proj = nn.ParameterList(
             nn.Parameter(torch.empty(config.k, config.n_max)) for _ in range(n_matrices)
         )
-        self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        # Identity has no parameters, so a model without the norm has no norm.* keys either.
+        self.norm = (
+            nn.LayerNorm(config.d_model, eps=config.norm_eps)
+            if config.final_norm
+            else nn.Identity()
+        )
         self.lm_head = LMHead(config.d_model, config.vocab_size)
         init_weights(self)
         # U(±1/√k) as lucidrains/linformer, so imported and native checkpoints start alike.
@@ -187,5 +198,5 @@ class LinformerEncoder(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb.weight[:t]  # (b, t, d)
         for block, (e_index, f_index) in zip(self.blocks, self.layout, strict=True):
             x = block(x, attention_mask, self.seq_proj[e_index], self.seq_proj[f_index])
-        hidden = self.norm(x)  # (b, t, d)
+        hidden = self.norm(x)  # (b, t, d); the last block's output when final_norm is False
         return self.lm_head(hidden), hidden

@@ -7,24 +7,22 @@ results. At every step:
 2. waiting sequences are admitted in arrival order while there is a free slot
    (``settings.max_num_seqs``) and the KV budget holds their worst case (:class:`KVBudget`);
    the head of the queue is never overtaken, so a large request cannot starve;
-3. ``kv_cache`` graphs (ALiBi): the running batch decodes one token per sequence in one forward
-   pass, then admitted prompts are prefilled: at most ``settings.prefill_chunk_tokens`` prompt
-   tokens per step, each prompt in chunks on top of its own growing cache. A long prompt is thus
-   spread over several steps and the running streams keep getting a token every step instead of
-   stalling for the whole prefill. A prompt whose prefill completes samples its first token and
-   joins the decode batch for the next step;
-4. ``full_sequence`` graphs (causal Reformer): there is no cache to carry between steps, so every
+3. ``kv_cache`` graphs (ALiBi, causal native Reformer): the running batch decodes one token per
+   sequence in one forward pass, then admitted prompts are prefilled: at most
+   ``settings.prefill_chunk_tokens`` prompt tokens per step, each prompt in chunks on top of its
+   own growing cache. A long prompt is thus spread over several steps and the running streams
+   keep getting a token every step instead of stalling for the whole prefill. A prompt whose
+   prefill completes samples its first token and joins the decode batch for the next step;
+4. ``full_sequence`` graphs (causal Reformers with ``hf_compatible`` or "local" layers, whose
+   outputs a cache could not reproduce): there is no cache to carry between steps, so every
    step recomputes every running sequence in full — prompt and generated tokens, left-padded to
    the longest row. Generating n tokens after a prompt of p therefore costs
    Σ_{i<n} cost(p + i) ≈ n · cost(p + n) (O(n · (p + n) log(p + n)) for LSH attention) instead of
    the kv graph's O(p² + n · (p + n)), and every row pays for the longest one in the batch;
    chunked prefill does not apply (there is nothing to chunk into) and the KV budget does not
-   either (``max_num_seqs`` is the only bound). Caching needs a differently exported graph: one
-   that takes and returns each layer's keys/values together with their bucket ids, so that a
-   new token is hashed and attends within its buckets only. Such a decoder is not equivalent to
-   this full recompute (a new token changes the bucket sort and so the chunk boundaries of the
-   earlier positions), so it is a modelling choice for the exporter, not something the service
-   can emulate. Until a graph like that exists, this mode is honest recomputation.
+   either (``max_num_seqs`` is the only bound). Native causal Reformers, whose causal LSH rule
+   depends only on earlier tokens, export a ``kv_cache`` graph instead (their cache holds each
+   layer's shared-QK vectors and values; docs/decisions.md, "Reformer incremental decoding").
 
 Results cross to asyncio with ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per
 request (:class:`GenerationStream`), after every forward pass, so streamed decode tokens are not

@@ -12,7 +12,9 @@ are kept as one tensor in which every row is LEFT-padded to the longest, with
 This is sound for ALiBi because the model derives positions from the mask
 (``positions = cumsum(mask) - 1`` in ``exporters/architectures/alibi.py``): padded slots neither
 shift the distances i − j between real tokens nor get attended (masked before the softmax, so
-their weight is exactly 0). The newest token of every row sits in the last column.
+their weight is exactly 0). The causal Reformer's cache (qk vectors and values) is sound the
+same way: its positions and its bucket ranks count real tokens only. The newest token of every
+row sits in the last column.
 
 The batch tensor is kept between steps rather than gathered from per-sequence caches each step:
 the graph's ``present_key_values`` output simply becomes the next step's input. It is re-padded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -89,11 +90,14 @@ def test_round_trip_through_the_store_matches_eager(store, tiny_checkpoint, arch
         assert diff <= 1e-4, f"{arch}/{fmt} at length {length}: max|diff| {diff}"
 
 
-def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(store, tiny_checkpoint) -> None:
-    version = ModelRepository(store).resolve("alibi-onnx")
+@pytest.mark.parametrize("name", ["alibi-onnx", "reformer-onnx", "reformer-torchscript"])
+def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(
+    store, tiny_checkpoint, name
+) -> None:
+    version = ModelRepository(store).resolve(name)
     assert version.manifest.signature.generation_mode == "kv_cache"
     assert version.manifest.signature.cache is not None
-    ckpt = load_checkpoint(tiny_checkpoint("alibi"))
+    ckpt = load_checkpoint(tiny_checkpoint(version.manifest.architecture))
     runner = _runner(version)
     ids = torch.randint(4, ckpt.config.vocab_size, (1, 40))
     cache = ckpt.model.empty_cache(1, torch.float32, torch.device("cpu")).numpy()
@@ -116,10 +120,26 @@ def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(store, tiny_check
     np.testing.assert_allclose(step["logits"][0, -1], full[0, -1].numpy(), atol=1e-4)
 
 
-def test_reformer_manifest_says_full_sequence_generation(store) -> None:
-    manifest = ModelRepository(store).resolve("reformer-onnx").manifest
-    assert manifest.task == "generate"
-    assert manifest.signature.generation_mode == "full_sequence"
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_causal_reformer_manifest_says_kv_cache_generation(store, tiny_checkpoint, fmt) -> None:
+    manifest = ModelRepository(store).resolve(f"reformer-{fmt}").manifest
+    config = load_checkpoint(tiny_checkpoint("reformer")).config
+    assert manifest.task == "generate" and not config.hf_compatible
+    assert manifest.signature.generation_mode == "kv_cache"
+    cache = manifest.signature.cache
+    assert cache is not None
+    assert (cache.n_layers, cache.n_heads, cache.head_dim) == (
+        config.n_layers, config.n_heads, config.head_dim,
+    )  # fmt: skip
+
+
+def test_hf_compatible_reformer_gets_the_full_sequence_graph(tiny_checkpoint) -> None:
+    """HF's causal rule lets a later token move an earlier one's chunk: no exact cache."""
+    config = load_checkpoint(tiny_checkpoint("reformer")).config
+    hf = dataclasses.replace(config, hf_compatible=True)
+    assert graph_spec("generate", hf).mode == "full_sequence"
+    assert graph_spec("generate", config).mode == "kv_cache"
+    assert graph_spec("encode", dataclasses.replace(config, causal=False)).mode == "encode"
 
 
 def test_alibi_extrapolation_curve_sets_max_context(store, tiny_checkpoint) -> None:
