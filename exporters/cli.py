@@ -12,6 +12,8 @@ from pathlib import Path
 from model_store.errors import ModelStoreError
 
 ARCH_NAMES = ("linformer", "reformer", "alibi", "shatter")
+# The keys of exporters.importers.IMPORTERS, spelled out so --help does not import torch.
+IMPORT_FORMATS = ("hf-bloom", "hf-mpt", "hf-reformer", "lucidrains-linformer")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -73,6 +75,22 @@ def _cmd_demo_store(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from exporters.importers import import_checkpoint
+
+    result = import_checkpoint(
+        args.source_format,
+        args.src,
+        args.out,
+        tokenizer=args.tokenizer,
+        trained_context=args.trained_context,
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the measured/verified max_context (recorded in the manifest)",
     )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "import", help="convert a checkpoint of another library into a Longhaul checkpoint"
+    )
+    p.add_argument("source_format", choices=IMPORT_FORMATS, help="what SRC holds")
+    p.add_argument("src", type=Path, help="source directory (config.json + weights)")
+    p.add_argument("--out", type=Path, required=True, help="Longhaul checkpoint directory to write")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="HF tokenizers JSON to use when SRC has no tokenizer.json",
+    )
+    p.add_argument(
+        "--trained-context",
+        type=int,
+        default=None,
+        help="override the training length read from the source config",
+    )
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("demo-store", help="train (once) and export the demo models to a store")
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
