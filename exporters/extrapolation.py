@@ -64,8 +64,9 @@ def measure(
     lengths = [m * trained_context for m in MULTIPLES]
     # Two windows of the longest length; the same token count at every length.
     stream = held_out_stream(tokenizer, 2 * (lengths[-1] + 1) * 2)
+    # Constant tokens per forward (4 windows at 1x, 1 at 4x and beyond) bounds peak memory.
     losses = [
-        loss_at_length(model, stream, n)
+        loss_at_length(model, stream, n, batch_size=max(1, 4 * trained_context // n))
         for n in tqdm(lengths, desc="extrapolation", disable=not progress)
     ]
     ratios = [loss / losses[0] for loss in losses]

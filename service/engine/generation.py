@@ -233,9 +233,15 @@ class GenerationEngine:
         self.mode = mode
         self.max_context = manifest.max_context
         self.vocab_size = int(manifest.config.get("vocab_size", model.tokenizer.get_vocab_size()))
-        eos, pad = manifest.config.get("eos_token_id"), manifest.config.get("pad_token_id")
-        self.eos_id = EOS_ID if eos is None else int(eos)
+        config = manifest.config
+        pad = config.get("pad_token_id")
         self.pad_id = PAD_ID if pad is None else int(pad)
+        # A config without the field is a native Longhaul model (eos = 1); an explicit null is
+        # an imported model with no end token: it generates until max_new_tokens.
+        eos = config.get("eos_token_id", EOS_ID)
+        self.eos_id: int | None = None if eos is None else int(eos)
+        # What an empty prompt (and the warm-up) starts from: the end token, else padding.
+        self.start_id = self.pad_id if self.eos_id is None else self.eos_id
         cache = manifest.signature.cache
         self.shape = CacheShape.from_layout(cache) if cache is not None else None
         self.cache_input = cache.input if cache is not None else ""
@@ -277,7 +283,7 @@ class GenerationEngine:
         """Two greedy tokens from a one-token prompt: runs prefill and (kv mode) a decode step."""
         params = SamplingParams(max_new_tokens=2, temperature=0)
         stream = await self._enqueue(
-            [self.eos_id], params, time.perf_counter(), record_metrics=False
+            [self.start_id], params, time.perf_counter(), record_metrics=False
         )
         await stream.collect()
 
@@ -322,7 +328,7 @@ class GenerationEngine:
     async def _enqueue(
         self, prompt_ids: list[int], params: SamplingParams, arrival: float, record_metrics: bool
     ) -> GenerationStream:
-        ids = prompt_ids or [self.eos_id]
+        ids = prompt_ids or [self.start_id]
         total = len(ids) + params.max_new_tokens
         if total > self.max_context:
             raise ContextLengthExceeded(
