@@ -517,27 +517,31 @@ class GenerationEngine:
     # --- full_sequence mode
 
     def _full_sequence_step(self, queue_seconds: list[float]) -> None:
-        rows = list(self._running.values())
-        tokens = [seq.prompt + seq.generated for seq in rows]
-        width = max(len(t) for t in tokens)
-        ids = np.full((len(rows), width), self.pad_id, np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for r, row in enumerate(tokens):  # left padding: the newest token in the last column
-            ids[r, width - len(row) :] = row
-            mask[r, width - len(row) :] = 1
+        """One token for every running sequence, recomputing each in full.
+
+        Rows are batched only with rows of the same length, so no row is ever padded: the
+        full-sequence graphs served here (HF-compatible Reformers) chunk and hash padding along
+        with real tokens, which moved logits by ~1e-3 and changed sampled tokens. Unpadded,
+        every row computes exactly what it would alone.
+        """
+        groups: dict[int, list[_Sequence]] = {}
+        for seq in self._running.values():
+            groups.setdefault(len(seq.prompt) + len(seq.generated), []).append(seq)
         outbox = _Outbox()
-        try:
-            outputs = self._forward({"input_ids": ids, "attention_mask": mask}, width)
-        except Exception as exc:
-            self._fail(rows, exc, outbox)
-            self._send(outbox)
-            return
-        real = sum(len(t) for t in tokens)
-        self.metrics.observe_batch(self.name, len(rows), ids.size, real, queue_seconds)
-        logits = outputs["logits"][:, -1]
-        for r, seq in enumerate(rows):
-            if self._accept(seq, logits[r], outbox):
-                del self._running[seq.id]
+        for width, rows in groups.items():
+            ids = np.array([seq.prompt + seq.generated for seq in rows], dtype=np.int64)
+            mask = np.ones_like(ids)
+            try:
+                outputs = self._forward({"input_ids": ids, "attention_mask": mask}, width)
+            except Exception as exc:
+                self._fail(rows, exc, outbox)
+                continue
+            self.metrics.observe_batch(self.name, len(rows), ids.size, ids.size, queue_seconds)
+            queue_seconds = []  # each request's queue time is reported once
+            logits = outputs["logits"][:, -1]
+            for r, seq in enumerate(rows):
+                if self._accept(seq, logits[r], outbox):
+                    del self._running[seq.id]
         self._send(outbox)
 
     # --- shared

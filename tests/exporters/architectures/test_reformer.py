@@ -13,6 +13,7 @@ from torch import Tensor
 from exporters.architectures.common import sinusoidal_positions
 from exporters.architectures.reformer import (
     SELF_SCORE,
+    SINUSOID_SCALE,
     ReformerConfig,
     ReformerModel,
     ReversibleBlock,
@@ -205,7 +206,7 @@ def test_model_is_duplicated_streams_then_mean() -> None:
     mask = torch.ones_like(ids)
     with torch.no_grad():
         logits, hidden = model(ids, mask)
-        x = model.embed(ids) + sinusoidal_positions(8, TINY.d_model)  # (b, t, d)
+        x = model.embed(ids) + SINUSOID_SCALE * sinusoidal_positions(8, TINY.d_model)  # (b, t, d)
         x1, x2 = x, x
         for block in model.blocks:
             x1, x2 = block(x1, x2, mask.bool())

@@ -34,10 +34,12 @@ def reformer(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[[str], Path]
 ) -> Iterator[tuple[LoadedModel, EagerReference]]:
     from exporters.export import ExportRequest, export
+    from exporters.training import train
 
-    # The 5-step session checkpoint: its greedy tokens change with the context (not one token
+    # Trained long enough that its greedy tokens change with the context (not one token
     # repeated), so a wrong cache shows up in the tokens.
-    ckpt = tiny_checkpoint("reformer")
+    ckpt = tmp_path_factory.mktemp("reformer-kv-ckpt")
+    train("reformer", "tiny", ckpt, steps=60, seed=0, progress=False)
     store = tmp_path_factory.mktemp("reformer-kv-store")
     export(ExportRequest(ckpt, store, "ref", "onnx", progress=False))
     model = load_model(ModelRepository(store), "ref", None, Settings(store=store))
