@@ -1,0 +1,148 @@
+"""``python -m benchmarks``: run the benchmark sections in one process tree on this machine and
+write ``benchmarks/results/<name>.json``; ``python -m benchmarks.report`` turns it into
+docs/benchmarks.md and plots (``make bench`` runs both).
+
+    python -m benchmarks                     # full run (~25 min on 2 idle cores)
+    python -m benchmarks --quick             # smoke run (a few minutes) -> results/scratch/
+    python -m benchmarks --sections scaling,backends
+
+Sections run in this order because later ones use earlier results: serving and generation
+serve the CPU default path that the backends section chose (``--path`` overrides it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, SCRATCH, load_average, machine_info, write_json
+
+SECTIONS = ("scaling", "backends", "serving", "generation")
+
+
+def _path(value: str) -> tuple[str, str]:
+    fmt, _, precision = value.partition("-")
+    if fmt not in ("onnx", "torchscript") or not precision:
+        raise argparse.ArgumentTypeError(f"expected FORMAT-PRECISION (onnx-fp32, ...), got {value}")
+    return fmt, precision
+
+
+def _run_section(
+    section: str,
+    quick: bool,
+    threads: int,
+    work: Path,
+    choice: tuple[str, str] | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    if section == "scaling":
+        from benchmarks import scaling
+
+        return scaling.run(scaling.plan(quick, threads), log)
+    if section == "backends":
+        from benchmarks import backends
+
+        result = backends.run(backends.plan(quick, threads), work / "backends", log)
+        log(f"  CPU default path: {result['choice'].get('path')}")
+        return result
+    if section == "serving":
+        from benchmarks import serving
+
+        return serving.run(serving.plan(quick), work / "serving", choice, log)
+    from benchmarks import generation_vs_hf
+
+    return generation_vs_hf.run(generation_vs_hf.plan(quick), work / "generation", choice, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run (a few minutes)")
+    parser.add_argument("--name", default=None, help="results file name (default: cpu-<N>core)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="intra-op threads for torch (default: every core)",
+    )
+    parser.add_argument(
+        "--path",
+        type=_path,
+        default=None,
+        help="serve this FORMAT-PRECISION instead of section 2's choice",
+    )
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+
+    name = args.name or f"cpu-{os.cpu_count()}core"
+    # Quick runs are smoke tests: they never overwrite the published results.
+    out = (SCRATCH / f"{name}-quick.json") if args.quick else (RESULTS / f"{name}.json")
+    work = SCRATCH / ("work-quick" if args.quick else "work")
+    started = time.perf_counter()
+    data: dict[str, Any] = {
+        "name": name,
+        "mode": "quick" if args.quick else "full",
+        "machine": machine_info(),
+        "sections": {},
+        "section_seconds": {},
+    }
+    choice: tuple[str, str] | None = args.path
+    busy = data["machine"]["load_average_at_start"][0]
+    if busy > 0.5 * (os.cpu_count() or 1):
+        # Other work on the cores makes OpenMP threads wait on each other (measured here: a
+        # 2-thread torch decode step 15x slower with the other core taken): numbers will be off.
+        print(
+            f"warning: load average {busy} on {os.cpu_count()} cores: the machine is busy, "
+            "absolute numbers will be pessimistic and noisy",
+            flush=True,
+        )
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    for section in SECTIONS:
+        if section not in sections:
+            continue
+        t0 = time.perf_counter()
+        log(f"== {section} (load average {load_average()})")
+        try:
+            result = _run_section(section, args.quick, args.threads, work, choice, log)
+        except Exception as exc:  # one broken section must not cost the others' numbers
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        if section == "backends" and choice is None and result.get("choice", {}).get("path"):
+            choice = (result["choice"]["format"], result["choice"]["precision"])
+        result["load_average_after"] = load_average()
+        data["sections"][section] = result
+        data["section_seconds"][section] = round(time.perf_counter() - t0, 1)
+        data["total_seconds"] = round(time.perf_counter() - started, 1)
+        write_json(out, data)  # after every section: a later failure keeps what was measured
+
+    data["machine"]["load_average_at_end"] = load_average()
+    data["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(out, data)
+    from benchmarks.report import summary_table
+
+    print()
+    print(summary_table(data))
+    print(
+        f"\nwrote {out} in {data['total_seconds']:.0f} s; next: python -m benchmarks.report {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

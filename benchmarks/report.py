@@ -1,0 +1,752 @@
+"""``python -m benchmarks.report [RESULTS.json]``: docs/benchmarks.md and docs/img/bench-*.png,
+regenerated from one results file (never from anything measured now).
+
+    python -m benchmarks.report            # benchmarks/results/cpu-<N>core.json -> docs/
+    python -m benchmarks.report --quick    # the --quick run's JSON -> benchmarks/results/scratch/
+    python -m benchmarks.report RESULTS.json --out FILE.md --img-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import GIB, RESULTS, ROOT, SCRATCH, read_json
+
+ARCH_STYLE = {  # colour, marker: the baseline is black so it stands apart
+    "vanilla": ("black", "o"),
+    "linformer": ("tab:blue", "s"),
+    "reformer": ("tab:orange", "^"),
+    "shatter": ("tab:green", "D"),
+    "alibi": ("tab:red", "v"),
+}
+ARCH_LABEL = {"vanilla": "full attention (baseline)"}
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "–"
+    return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:,.1f}"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def plot_scaling(section: dict[str, Any], img_dir: Path) -> list[str]:
+    plt = _plt()
+    from matplotlib import ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arch, s in section["series"].items():
+        pts = s["points"]
+        if not pts:
+            continue
+        colour, marker = ARCH_STYLE.get(arch, ("grey", "x"))
+        label = ARCH_LABEL.get(arch, arch)
+        if s.get("time_slope") is not None:
+            label += f" (slope {s['time_slope']:.2f})"
+        xs = [p["length"] for p in pts]
+        axes[0].plot(xs, [p["median_s"] for p in pts], marker=marker, color=colour, label=label)
+        mem_label = ARCH_LABEL.get(arch, arch)
+        if s.get("memory_slope") is not None:
+            mem_label += f" (slope {s['memory_slope']:.2f})"
+        axes[1].plot(
+            xs,
+            [p["peak_rss_bytes"] / GIB for p in pts],
+            marker=marker,
+            color=colour,
+            label=mem_label,
+        )
+        stop = s.get("stopped")
+        if stop:  # say in the legend where and why the series ended
+            cause = "memory" if "memory" in stop["reason"] else "time"
+            for line in (axes[0].lines[-1], axes[1].lines[-1]):
+                line.set_label(f"{line.get_label()}, {cause} cap at {_fmt_len(stop['length'])}")
+    cap = section["plan"]["memory_cap_gib"]
+    axes[1].axhline(cap, color="grey", linestyle="--", linewidth=1)
+    axes[1].text(1024, cap * 1.05, f"memory cap {cap:.0f} GiB", fontsize=8, color="grey")
+    for ax, ylabel, title in (
+        (axes[0], "seconds per forward (median)", "Encode latency, batch 1, fp32 eager"),
+        (axes[1], "peak RSS of the process (GiB)", "Peak memory (slope: activation memory)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        lengths = section["plan"]["lengths"]
+        ax.set_xticks(lengths, [_fmt_len(n) for n in lengths])
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.legend(fontsize=7.5)
+    fig.tight_layout()
+    name = "bench-scaling.png"
+    fig.savefig(img_dir / name)
+    plt.close(fig)
+    return [name]
+
+
+def plot_backends(section: dict[str, Any], img_dir: Path) -> list[str]:
+    plt = _plt()
+    archs = list(section["archs"])
+    paths = list(next(iter(section["archs"].values()))["paths"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(paths)
+    for i, path in enumerate(paths):
+        speedups = [
+            section["archs"][a]["paths"][path]["tokens_per_s"]
+            / section["archs"][a]["paths"]["eager-fp32"]["tokens_per_s"]
+            for a in archs
+        ]
+        xs = [j + (i - (len(paths) - 1) / 2) * width for j in range(len(archs))]
+        bars = ax.bar(xs, speedups, width, label=path)
+        for bar, value in zip(bars, speedups, strict=True):
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                value,
+                f"{value:.1f}",
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+            )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(archs)), archs)
+    ax.set_ylabel("throughput / eager fp32")
+    plan = section["plan"]
+    ax.set_title(
+        f"Backends and precision, batch {plan['batch']} × {plan['length']} tokens "
+        f"(higher is faster)"
+    )
+    ax.legend(fontsize=7.5, ncol=3)
+    fig.tight_layout()
+    name = "bench-backends.png"
+    fig.savefig(img_dir / name)
+    plt.close(fig)
+    return [name]
+
+
+def plot_serving(section: dict[str, Any], img_dir: Path) -> list[str]:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(section["servers"].items()):
+        xs = [r["concurrency"] for r in rows]
+        colour = "black" if label.startswith("naive") else colours[i % len(colours)]
+        axes[0].plot(xs, [r["requests_per_s"] for r in rows], marker="o", color=colour, label=label)
+        # One colour per server: p50 solid, p99 dashed.
+        axes[1].plot(
+            xs, [r["p50_s"] * 1e3 for r in rows], marker="o", color=colour, label=f"{label} p50"
+        )
+        axes[1].plot(
+            xs,
+            [r["p99_s"] * 1e3 for r in rows],
+            "--",
+            marker="x",
+            color=colour,
+            alpha=0.7,
+            label=f"{label} p99",
+        )
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylabel("requests / s")
+    axes[0].set_title("Throughput vs concurrency")
+    axes[1].set_ylabel("latency (ms)")
+    axes[1].set_yscale("log")
+    axes[1].set_title("Latency vs concurrency")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_xticks(
+            section["plan"]["concurrencies"], [str(c) for c in section["plan"]["concurrencies"]]
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = "bench-serving.png"
+    fig.savefig(img_dir / name)
+    plt.close(fig)
+    return [name]
+
+
+def plot_generation(section: dict[str, Any], img_dir: Path) -> list[str]:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    labels = list(section["levels"])
+    streams = section["plan"]["streams"]
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        rows = section["levels"][label]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(rows))]
+        axes[0].bar(xs, [r["tokens_per_s"] for r in rows], width, label=label)
+        axes[1].bar(xs, [r["ttft_p50_s"] * 1e3 for r in rows], width, label=label)
+        axes[2].bar(xs, [r["itl_p50_s"] * 1e3 for r in rows], width, label=label)
+    for ax, title in zip(
+        axes,
+        ("tokens / s (higher is better)", "TTFT p50 (ms)", "ITL p50 (ms per token)"),
+        strict=True,
+    ):
+        ax.set_xticks(range(len(streams)), [f"{s} stream{'s' if s > 1 else ''}" for s in streams])
+        ax.set_title(title)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.3g", fontsize=6.5)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    name = "bench-generation.png"
+    fig.savefig(img_dir / name)
+    plt.close(fig)
+    return [name]
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _machine(data: dict[str, Any]) -> list[str]:
+    m = data["machine"]
+    v = m["versions"]
+    lines = [
+        "## Machine and run",
+        "",
+        f"- **{data['name']}** ({data['mode']} run, {data.get('total_seconds', 0) / 60:.1f} min): "
+        f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), "
+        f"{m['memory_gib']} GiB, {m['platform']}, Python {m['python']}, "
+        f"torch threads {m['torch_threads']}.",
+        f"- torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, "
+        f"transformers {v.get('transformers') or 'not installed'}, numpy {v.get('numpy')}.",
+        f"- Load average (1/5/15 min) at start {m['load_average_at_start']}, at end "
+        f"{m.get('load_average_at_end', '–')}; per section: "
+        + ", ".join(
+            f"{k} {s.get('load_average_after', '–')[0] if s.get('load_average_after') else '–'}"
+            f" after {data['section_seconds'].get(k, 0):.0f} s"
+            for k, s in data["sections"].items()
+        )
+        + ". A load average above the core count means other work shared the CPU: the ratios "
+        "within a section (measured back to back) stay meaningful, absolute numbers do not.",
+        f"- Source: commit `{m['git']['commit'][:12]}`"
+        + (" plus uncommitted changes" if m["git"]["dirty"] else "")
+        + ".",
+        "",
+    ]
+    return lines
+
+
+def _scaling_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    plan, size = section["plan"], section["size"]
+    lengths = plan["lengths"]
+    lines = [
+        "## 1. Scaling with sequence length",
+        "",
+        f"Every architecture at one size — d_model {size['d_model']}, {size['n_layers']} layers, "
+        f"{size['n_heads']} heads (Shatter: {size['n_heads']} partitions of its single head), "
+        f"d_ff {size['d_ff']}, vocabulary {size['vocab_size']} — randomly initialised, batch 1, "
+        "no padding, fp32 eager PyTorch under `torch.inference_mode` (the same runtime for "
+        "every model, so the figure compares architectures, not backends). Linformer: k 256, "
+        "n_max 65536, key-value sharing; Reformer: bidirectional, chunk 64, 32 buckets, "
+        "2 hash rounds; ALiBi: a full causal forward (prefill).",
+        "",
+        "The baseline (`benchmarks/baseline.py`) is a plain pre-LN transformer encoder of the "
+        "same width and depth with **explicit softmax attention** (`softmax(q kᵀ/√e) v`, the "
+        "n × n score matrix materialised), not `scaled_dot_product_attention`: on CPU SDPA "
+        "picks a flash-style kernel that never stores the score matrix, which would hide the "
+        "quadratic memory that efficient attention exists to remove (its time stays "
+        "quadratic). Explicit attention is also what the Longhaul models compute, so kernels "
+        "are alike and only the architecture differs.",
+        "",
+        f"Each point is a fresh subprocess (peak RSS = `ru_maxrss` of that process, model "
+        f"weights included): one warm-up forward, then up to {plan['max_samples']} timed ones "
+        f"within {plan['point_budget_s']:.0f} s; the median is plotted. A series stops at the "
+        f"first length whose forward takes over **{plan['time_cap_s']:.0f} s** or whose RSS "
+        f"passes **{plan['memory_cap_gib']:.0f} GiB** (the child is killed there), or that is "
+        "predicted to, from the growth between the two previous points (not run).",
+        "",
+    ]
+    lines += [f"![scaling]({img_rel}/{name})" for name in images] + [""]
+    header = "| architecture | " + " | ".join(_fmt_len(n) for n in lengths)
+    header += " | time slope (all / longest 3) | memory slope | stopped |"
+    lines += [
+        "Median seconds per forward, then peak RSS in GiB:",
+        "",
+        header,
+        "|" + "---|" * (len(lengths) + 4),
+    ]
+    for arch, s in section["series"].items():
+        by_len = {p["length"]: p for p in s["points"]}
+        cells = []
+        for n in lengths:
+            p = by_len.get(n)
+            cells.append(f"{p['median_s']:.3g} s / {p['peak_rss_bytes'] / GIB:.2f}" if p else "–")
+        stop = s.get("stopped")
+        stop_text = f"{_fmt_len(stop['length'])}: {stop['reason']}" if stop else "no"
+        lines.append(
+            f"| {ARCH_LABEL.get(arch, arch)} | "
+            + " | ".join(cells)
+            + f" | {_num(s['time_slope'])} / {_num(s['time_slope_longest3'])} | "
+            f"{_num(s['memory_slope'])} | {stop_text} |"
+        )
+    lines += [
+        "",
+        "Slopes are least-squares fits of log(time) and log(activation memory = peak RSS − "
+        "RSS after building the model) against log(length): 1 is linear, 2 quadratic. The fit "
+        "over all lengths is pulled down by fixed costs at short lengths (projections, "
+        "feed-forward and LM head are linear in n for every model); the longest three points "
+        "show the asymptotic regime.",
+        "",
+        *_scaling_findings(section),
+    ]
+    return lines
+
+
+def _scaling_findings(section: dict[str, Any]) -> list[str]:
+    """Each architecture against the baseline at the longest length both reached."""
+    series = section["series"]
+    base = {p["length"]: p for p in series.get("vanilla", {}).get("points", [])}
+    lines = ["What this run shows:", ""]
+    if base:
+        reach = max(base)
+        stop = series["vanilla"].get("stopped")
+        lines.append(
+            f"- Full attention reached {_fmt_len(reach)}"
+            + (f"; {_fmt_len(stop['length'])} was {stop['reason']}." if stop else ".")
+        )
+    for arch, s in series.items():
+        if arch == "vanilla" or not s["points"]:
+            continue
+        own = {p["length"]: p for p in s["points"]}
+        common = sorted(set(own) & set(base))
+        text = f"- {arch} reached {_fmt_len(max(own))}"
+        if common:
+            n = common[-1]
+            speed = base[n]["median_s"] / own[n]["median_s"]
+            act_base = base[n]["peak_rss_bytes"] - base[n]["rss_after_build_bytes"]
+            act_own = own[n]["peak_rss_bytes"] - own[n]["rss_after_build_bytes"]
+            text += (
+                f"; at {_fmt_len(n)} it ran {speed:.2g}× the baseline's speed with "
+                f"{own[n]['peak_rss_bytes'] / GIB:.2f} GiB peak RSS against "
+                f"{base[n]['peak_rss_bytes'] / GIB:.2f} GiB (activation memory "
+                f"{act_own / max(act_base, 1):.2g}× the baseline's)"
+            )
+        stop = s.get("stopped")
+        text += f"; stopped at {_fmt_len(stop['length'])}: {stop['reason']}." if stop else "."
+        lines.append(text)
+    return [*lines, ""]
+
+
+def _warmups(section: dict[str, Any]) -> str:
+    """How many warm-up forwards each path had in this run (read back from the samples)."""
+    counts: dict[str, int] = {}
+    for arch in section["archs"].values():
+        for path, r in arch["paths"].items():
+            counts[path] = len(r.get("warmup_s", []))
+    ts = {n for p, n in counts.items() if p.startswith("torchscript")}
+    other = {n for p, n in counts.items() if not p.startswith("torchscript")}
+    if ts == other:
+        return f"{'/'.join(map(str, sorted(ts)))} warm-up forwards each"
+    return (
+        f"{'/'.join(map(str, sorted(ts)))} warm-ups for TorchScript, whose profiling executor "
+        f"optimises only after its first runs, {'/'.join(map(str, sorted(other)))} for the others"
+    )
+
+
+def _backends_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    plan, size, peaks = section["plan"], section["size"], section["gemm_peak"]
+    lines = [
+        "## 2. Backends and precision",
+        "",
+        f"One realistic size — d_model {size['d_model']}, {size['n_layers']} layers, "
+        f"{size['n_heads']} heads (Shatter: {size['n_heads']} partitions), d_ff {size['d_ff']}, "
+        f"vocabulary {size['vocab_size']} — at batch {plan['batch']} × {plan['length']} tokens "
+        "(no padding; ALiBi runs its kv-cache graph as a prefill with an empty cache). The "
+        "exported paths are produced with the exporter's own code (`exporters.graphs.wrap`, "
+        "`exporters.formats.export_onnx` / `export_torchscript` / `quantize_int8`) and run "
+        "through the service's backends (`service.backends`), so they are what a served model "
+        "executes. Accuracy is against eager fp32 on the same inputs: cosine of every "
+        "position's logits (mean and min), argmax agreement, and for encoders the cosine of "
+        "the mean-pooled hidden state (what `/v1/encode` returns).",
+        "",
+        f"GEMM peak measured in the same run (`torch.matmul`, {plan['gemm_size']}² square, "
+        f"median) at the start of the section: **fp32 {peaks['fp32']['median_flops'] / 1e9:,.0f} "
+        f"GFLOP/s**, **bf16 {peaks['bf16']['median_flops'] / 1e9:,.0f} GFLOP/s** (best sample "
+        f"{peaks['fp32']['best_flops'] / 1e9:,.0f} / {peaks['bf16']['best_flops'] / 1e9:,.0f})"
+        + (
+            "; MFU uses the peak re-measured inside each architecture's timing rounds (given "
+            "with each table), so model and peak see the same background load"
+            if any("gemm_peak_flops" in a for a in section["archs"].values())
+            else "; MFU uses this peak, so on a machine whose load changed during the section it "
+            "can exceed 100%"
+        )
+        + ". MFU = matmul FLOPs of the model (counted with `torch.utils.flop_counter` on the "
+        "eager model; softmax, norms and gathers are not counted) / median time / the peak of "
+        "the compute dtype. No int8 GEMM peak is measured, so int8 rows have no MFU. Paths are "
+        f"timed round-robin (one forward of each path per round, after {_warmups(section)}), "
+        "so a change in background load hits every path alike.",
+        "",
+    ]
+    lines += [f"![backends]({img_rel}/{name})" for name in images] + [""]
+    for arch, a in section["archs"].items():
+        in_rounds = a.get("gemm_peak_flops")
+        peak_text = (
+            f"; GEMM peak in its rounds fp32 {in_rounds['fp32'] / 1e9:,.0f}, bf16 "
+            f"{in_rounds['bf16'] / 1e9:,.0f} GFLOP/s"
+            if in_rounds
+            else ""
+        )
+        lines += [
+            f"**{arch}** ({a['matmul_flops'] / 1e9:,.0f} GFLOP of matmuls per batch{peak_text}):",
+            "",
+            "| path | tokens/s | × eager fp32 | MFU | logits cosine mean / min | argmax "
+            "agreement | pooled cosine min | export s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        base = a["paths"]["eager-fp32"]["tokens_per_s"]
+        for path, r in a["paths"].items():
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "–"
+            lines.append(
+                f"| {path} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {mfu} | "
+                f"{r['logits_cosine_mean']:.5f} / {r['logits_cosine_min']:.5f} | "
+                f"{r['argmax_agreement']:.4f} | {_num(r.get('pooled_cosine_min'), 5)} | "
+                f"{_num(r.get('export_s'), 1)} |"
+            )
+        lines.append("")
+    choice = section["choice"]
+    if choice.get("path"):
+        speed = choice["geomean_speedup_vs_eager_fp32"]
+        lines += [
+            "### The CPU default",
+            "",
+            f"**Fastest accurate servable path: `{choice['path']}`** (manifest `format: "
+            f"{choice['format']}`, `precision: {choice['precision']}`). Rule: among the paths "
+            f"the service can serve, those with {choice['accuracy_floor']} on every "
+            "architecture, the highest geometric-mean speed-up over eager fp32 ("
+            + ", ".join(f"{k} {v:.2f}×" for k, v in speed.items())
+            + "). Per architecture, the fastest accurate path was: "
+            + ", ".join(f"{k} {v}" for k, v in choice["per_arch_fastest_accurate"].items())
+            + ".",
+            "",
+            "Where it is carried: the exporter writes `format`/`precision` into every "
+            "manifest already, so the choice is a default of the exporter (`python -m exporters "
+            "export --format/--precision`, `ExportRequest`, and the demo store's CPU model), "
+            "recorded per model in `manifest.json`; the service needs no setting, it serves what "
+            "the manifest says.",
+            "",
+            "Caveat on argmax agreement: the models are randomly initialised, so their logits "
+            "have small top-1 margins and reduced precision flips more argmaxes than it would "
+            "on a trained model; the cosine floor (the exporter's own parity rule for reduced "
+            "precision) is what the choice uses.",
+            "",
+        ]
+    else:
+        lines += [f"No default chosen: {choice.get('reason')}.", ""]
+    return lines
+
+
+def _serving_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    plan, settings = section["plan"], section["longhaul_settings"]
+    tokens = section["request_tokens"]
+    lines = [
+        "## 3. Serving",
+        "",
+        f"One {plan['arch']} encoder (section 2's size, random weights) exported and published "
+        "with the real exporter into a scratch store and served by `python -m service` "
+        "(defaults: batch cost budget "
+        f"{settings['batch_cost_budget']:g}, max batch {settings['max_batch_size']}, max wait "
+        f"{settings['max_wait_ms']:g} ms); the peer is `benchmarks/naive_server.py` — FastAPI + "
+        "eager fp32 PyTorch on the same checkpoint, one request per forward, a plain `def` "
+        "route in FastAPI's thread pool, same tokenizer, mean pooling and normalisation.",
+        "",
+        f"Load: closed loop, each of c clients sends its next request when the previous "
+        f"answered, until {plan['max_requests']} requests or {plan['max_seconds']:.0f} s per "
+        f"level and server; {len(tokens)} request texts cut from held-out stdlib sources, "
+        f"{min(tokens)}–{max(tokens)} tokens (median {sorted(tokens)[len(tokens) // 2]}), "
+        "one text per request. Servers alternate level by level, so drifting background load "
+        "hits both alike. The load generator shares the cores with the servers (loopback only). "
+        "Padding ratio and mean batch size come from Longhaul's `/metrics` (difference over the "
+        "level).",
+        "",
+    ]
+    for p in section["published"]:
+        lines.append(f"- `{p['name']}`: {p['format']} {p['precision']}; {p['parity']}.")
+    lines += [""] + [f"![serving]({img_rel}/{name})" for name in images] + [""]
+    lines += [
+        "| concurrency | server | req/s | tokens/s | p50 ms | p99 ms | padding ratio | mean "
+        "batch | CPU s server / client | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(plan["concurrencies"]):
+        for label, rows in section["servers"].items():
+            if i >= len(rows):
+                continue
+            r = rows[i]
+            lines.append(
+                f"| {c} | {label} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                f"{_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {_num(r.get('padding_ratio'))} | "
+                f"{_num(r.get('mean_batch_size'), 1)} | {_num(r.get('server_cpu_s'), 1)} / "
+                f"{_num(r.get('client_cpu_s'), 1)} | {sum(r['errors'].values()) or ''} |"
+            )
+    return [*lines, "", *_serving_findings(section)]
+
+
+def _serving_findings(section: dict[str, Any]) -> list[str]:
+    servers = section["servers"]
+    labels = list(servers)
+    default = labels[0]
+    naive = next((k for k in labels if k.startswith("naive")), None)
+    control = next((k for k in labels if k.endswith("max batch 1")), None)
+    lines = ["What this run shows:", ""]
+    for i, c in enumerate(section["plan"]["concurrencies"]):
+        row = servers[default][i]
+        parts = []
+        if naive:
+            other = servers[naive][i]
+            parts.append(
+                f"{row['requests_per_s'] / other['requests_per_s']:.2f}× the naive server's "
+                f"throughput at {row['p99_s'] / other['p99_s']:.2f}× its p99"
+            )
+        if control:
+            ctl = servers[control][i]
+            parts.append(
+                f"{row['requests_per_s'] / ctl['requests_per_s']:.2f}× its own throughput with "
+                f"batching off (padding ratio {_num(row.get('padding_ratio'))}, mean batch "
+                f"{_num(row.get('mean_batch_size'), 1)})"
+            )
+        lines.append(f"- c = {c}: {default} did " + "; ".join(parts) + ".")
+    if control:
+        batched = [servers[default][i]["requests_per_s"] for i in range(len(servers[default]))]
+        unbatched = [servers[control][i]["requests_per_s"] for i in range(len(servers[control]))]
+        if max(batched[1:], default=0) < max(unbatched[1:], default=0):
+            lines.append(
+                "- Batching did not pay on this CPU: a single request of a few hundred tokens "
+                "already gives the GEMMs enough rows to keep both cores busy, so a bigger batch "
+                "adds little efficiency while its padding (sequences of different lengths "
+                "padded to the longest) adds work. Reported to the service owners as a tuning "
+                "question for CPU deployments (a padding limit when a batch grows, or a "
+                "smaller CPU default for `LONGHAUL_MAX_BATCH_SIZE`)."
+            )
+    return [*lines, ""]
+
+
+def _generation_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    lines = ["## 4. Generation", ""]
+    if section.get("skipped"):
+        return [*lines, f"Not run: {section['skipped']}.", ""]
+    plan, size, path = section["plan"], section["size"], section["path"]
+    lines += [
+        f"A randomly initialised `BloomForCausalLM` (d {size['d_model']}, {size['n_layers']} "
+        f"layers, {size['n_heads']} heads) saved with `save_pretrained`, imported with "
+        "`python -m exporters import hf-bloom`, exported as "
+        f"{path['format']} {path['precision']} ({section['parity']}) and served by "
+        "`python -m service`; the peer is `transformers` `generate()` on the same HF "
+        f"directory. Greedy, {plan['prompt_tokens']}-token prompts, up to "
+        f"{plan['max_new_tokens']} new tokens. 1 stream = {plan['single_requests']} requests "
+        "one after another; 16 streams = 16 requests at once (HF: one left-padded batch of 16, "
+        "which is what `generate()` offers for concurrent prompts). TTFT = send → first token "
+        "event; ITL = a stream's decode time / its tokens after the first (Longhaul: measured "
+        "by the client over SSE, the server's own histogram means alongside). The engine "
+        "alone, in process (1/4/16 streams, long contexts, chunked-prefill interference), is "
+        "measured by `python -m benchmarks.generation`.",
+        "",
+    ]
+    lines += [f"![generation]({img_rel}/{name})" for name in images] + [""]
+    lines += [
+        "| system | streams | tokens/s | TTFT p50 ms | TTFT max ms | ITL p50 ms | server "
+        "TTFT / ITL mean ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, rows in section["levels"].items():
+        for r in rows:
+            server = (
+                f"{_ms(r.get('server_ttft_mean_s'))} / {_ms(r.get('server_itl_mean_s'))}"
+                if "server_ttft_mean_s" in r
+                else "–"
+            )
+            lines.append(
+                f"| {label} | {r['streams']} | {r['tokens_per_s']:.1f} | {_ms(r['ttft_p50_s'])} | "
+                f"{_ms(r['ttft_max_s'])} | {_ms(r['itl_p50_s'])} | {server} |"
+            )
+    labels = list(section["levels"])
+    ours, peers = labels[0], [k for k in labels[1:]]
+    lines += ["", "What this run shows:", ""]
+    for peer in peers:
+        for a, b in zip(section["levels"][ours], section["levels"][peer], strict=False):
+            ratio = a["tokens_per_s"] / b["tokens_per_s"]
+            lines.append(
+                f"- {a['streams']} stream(s): Longhaul {ratio:.2g}× "
+                f"the tokens/s of {peer}, TTFT p50 {_ms(a['ttft_p50_s'])} vs "
+                f"{_ms(b['ttft_p50_s'])} ms."
+            )
+    same = section.get("greedy_text_identical_at_1_stream", {})
+    if same:
+        lines += [
+            "",
+            "Greedy texts identical to Longhaul's at 1 stream: "
+            + ", ".join(f"{k}: {v}" for k, v in same.items())
+            + " (identical greedy text shows both sides run the same weights; reduced precision "
+            "may diverge after a few tokens).",
+        ]
+    return [*lines, ""]
+
+
+def write_report(results: Path, out: Path, img_dir: Path) -> None:
+    data = read_json(results)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img_rel = os.path.relpath(img_dir, out.parent)
+    try:
+        source = results.resolve().relative_to(ROOT)
+    except ValueError:
+        source = results
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m benchmarks.report` from `{source}` — do not edit by hand; "
+        "rerun `make bench` (about 25 minutes on 2 idle cores; `python -m benchmarks --quick` "
+        "is a few-minute smoke run that writes to `benchmarks/results/scratch/`).",
+        "",
+        "Every comparison is made in one run on one machine, peer and Longhaul back to back, "
+        "so the ratios hold on a noisy machine even when absolute numbers drift. Raw samples "
+        "are in the JSON. These are figures, not assertions: no test checks them.",
+        "",
+        *_machine(data),
+    ]
+    sections = data["sections"]
+    writers = {
+        "scaling": (plot_scaling, _scaling_md),
+        "backends": (plot_backends, _backends_md),
+        "serving": (plot_serving, _serving_md),
+        "generation": (plot_generation, _generation_md),
+    }
+    for key, (plot, md) in writers.items():
+        if key not in sections:
+            continue
+        section = sections[key]
+        if section.get("error"):
+            title = key.capitalize()
+            lines += [
+                f"## {title}",
+                "",
+                f"This section failed in this run: `{section['error']}`.",
+                "",
+            ]
+            continue
+        images = [] if section.get("skipped") else plot(section, img_dir)
+        lines += md(section, images, img_rel)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def summary_table(data: dict[str, Any]) -> str:
+    """The few numbers worth a glance, as plain text (printed at the end of ``make bench``)."""
+    out = [
+        f"{data['name']} ({data['mode']}), load average at start "
+        f"{data['machine']['load_average_at_start']}"
+    ]
+    s = {k: v for k, v in data["sections"].items() if not v.get("error")}
+    for key, section in data["sections"].items():
+        if section.get("error"):
+            out.append(f"\n{key}: FAILED ({section['error']})")
+    if "scaling" in s:
+        out.append("\nscaling (fp32 eager, batch 1): longest length measured, time slope")
+        for arch, series in s["scaling"]["series"].items():
+            pts = series["points"]
+            last = pts[-1] if pts else None
+            where = (
+                (
+                    f"{_fmt_len(last['length'])} in {last['median_s']:.2f} s, "
+                    f"{last['peak_rss_bytes'] / GIB:.2f} GiB"
+                )
+                if last
+                else "nothing measured"
+            )
+            out.append(
+                f"  {arch:<10} {where:<34} slope {_num(series['time_slope'])}"
+                f" (longest 3: {_num(series['time_slope_longest3'])})"
+            )
+    if "backends" in s:
+        b = s["backends"]
+        out.append(
+            f"\nbackends (batch {b['plan']['batch']} x {b['plan']['length']}): tokens/s "
+            "(min logits cosine)"
+        )
+        for arch, a in b["archs"].items():
+            cells = "  ".join(
+                f"{p} {r['tokens_per_s']:,.0f} ({r['logits_cosine_min']:.4f})"
+                for p, r in a["paths"].items()
+            )
+            out.append(f"  {arch:<10} {cells}")
+        out.append(f"  CPU default: {b['choice'].get('path')}")
+    if "serving" in s:
+        out.append("\nserving /v1/encode: req/s (p99 ms) by concurrency")
+        for label, rows in s["serving"]["servers"].items():
+            cells = "  ".join(
+                f"c{r['concurrency']} {r['requests_per_s']:.1f} ({_ms(r['p99_s'])})" for r in rows
+            )
+            out.append(f"  {label:<34} {cells}")
+    if "generation" in s:
+        g = s["generation"]
+        if g.get("skipped"):
+            out.append(f"\ngeneration: skipped ({g['skipped']})")
+        else:
+            out.append("\ngeneration: tokens/s, TTFT p50 ms by streams")
+            for label, rows in g["levels"].items():
+                cells = "  ".join(
+                    f"{r['streams']}x {r['tokens_per_s']:.1f} tok/s TTFT {_ms(r['ttft_p50_s'])}"
+                    for r in rows
+                )
+                out.append(f"  {label:<34} {cells}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("results", type=Path, nargs="?", help="default: the latest full run")
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks.md")
+    parser.add_argument("--img-dir", type=Path, default=None, help="default: docs/img")
+    parser.add_argument(
+        "--quick", action="store_true", help="report the quick run, into benchmarks/results/scratch"
+    )
+    args = parser.parse_args(argv)
+    # Quick (smoke) results never reach docs/: their report goes beside them, gitignored.
+    name = f"cpu-{os.cpu_count()}core"
+    if args.quick:
+        args.results = args.results or SCRATCH / f"{name}-quick.json"
+        args.out = args.out or SCRATCH / "benchmarks.md"
+        args.img_dir = args.img_dir or SCRATCH / "img"
+    args.results = args.results or RESULTS / f"{name}.json"
+    args.out = args.out or ROOT / "docs" / "benchmarks.md"
+    args.img_dir = args.img_dir or ROOT / "docs" / "img"
+    if not args.results.is_file():
+        parser.error(f"{args.results} does not exist; run `python -m benchmarks` first")
+    write_report(args.results, args.out, args.img_dir)
+    print(summary_table(read_json(args.results)))
+    print(f"\nwrote {args.out} and plots in {args.img_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

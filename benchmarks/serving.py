@@ -1,0 +1,346 @@
+"""Section 3 — serving: Longhaul's ``/v1/encode`` against a naive FastAPI + eager PyTorch server.
+
+One randomly initialised encoder (models.REALISTIC size) is saved as a checkpoint, exported and
+published with the real exporter (``exporters.export``, parity included) into a scratch store,
+and served by a real ``python -m service`` subprocess on a free loopback port. The same
+checkpoint is served by ``benchmarks/naive_server.py``. A closed-loop load generator
+(``loadgen.py``) then sends the same request mix at each concurrency, alternating between the
+servers level by level so that background load drifts hit all of them alike.
+
+Longhaul variants: the CPU default chosen in section 2 (format + precision) and, when that is
+not fp32, ONNX fp32 too, which separates what batching buys from what precision buys.
+Padding ratio and batch size come from Longhaul's own ``/metrics`` (difference before/after
+each level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.common import cpu_seconds, free_port, server_process
+from benchmarks.loadgen import run_load, wait_ready
+from benchmarks.models import REALISTIC, arch_config, build
+
+DEFAULT_SERVING = ("onnx", "fp32")  # the exporter's current default, used if section 2 did not run
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    arch: str
+    concurrencies: tuple[int, ...]
+    max_requests: int  # per level and server
+    max_seconds: float  # per level and server
+    min_tokens: int  # request lengths are log-uniform in [min_tokens, max_tokens]
+    max_tokens: int
+    n_bodies: int
+    n_max: int
+    with_fp32_variant: bool
+    with_unbatched_control: bool  # also Longhaul with LONGHAUL_MAX_BATCH_SIZE=1
+
+
+def plan(quick: bool) -> ServingPlan:
+    if quick:
+        return ServingPlan(
+            arch="linformer",
+            concurrencies=(1, 4, 16, 64),
+            max_requests=64,
+            max_seconds=4.0,
+            min_tokens=32,
+            max_tokens=256,
+            n_bodies=64,
+            n_max=1024,
+            with_fp32_variant=False,
+            with_unbatched_control=True,
+        )
+    return ServingPlan(
+        arch="linformer",
+        concurrencies=(1, 4, 16, 64),
+        max_requests=2000,
+        max_seconds=15.0,
+        min_tokens=32,
+        max_tokens=512,
+        n_bodies=512,
+        n_max=2048,
+        with_fp32_variant=True,
+        with_unbatched_control=True,
+    )
+
+
+# ----------------------------------------------------------------------------- model + store
+
+
+def make_tokenizer(vocab_size: int) -> Any:
+    from exporters.corpus import read_texts, split_corpus
+    from exporters.tokenizer import train_tokenizer
+
+    split = split_corpus()
+    # 400 kB of text learns the merges in a few seconds; the weights are random anyway.
+    return train_tokenizer(read_texts(split.root, split.train, 400_000), vocab_size)
+
+
+def prepare_checkpoint(workdir: Path, arch: str, n_max: int) -> Path:
+    from exporters.checkpoint import save_checkpoint
+    from exporters.tokenizer import for_task
+
+    ckpt = workdir / f"{arch}-checkpoint"
+    if (ckpt / "model.safetensors").is_file():
+        return ckpt
+    base = make_tokenizer(REALISTIC.vocab_size)
+    config = arch_config(arch, REALISTIC, n_max=n_max)
+    config["vocab_size"] = base.get_vocab_size()
+    model = build(arch, config)
+    save_checkpoint(ckpt, model, for_task(base, "encode"), trained_context=512)
+    return ckpt
+
+
+def publish(ckpt: Path, store: Path, name: str, fmt: str, precision: str) -> dict[str, Any]:
+    from exporters.export import ExportRequest, export
+
+    # ORT's int8 quantizer logs a "consider pre-processing" hint on the root logger every call.
+    logging.disable(logging.WARNING)
+    try:
+        result = export(
+            ExportRequest(
+                checkpoint=ckpt,
+                store=store,
+                name=name,
+                format=fmt,
+                precision=precision,
+                progress=False,
+            )
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return {
+        "name": name,
+        "format": fmt,
+        "precision": precision,
+        "version": result.published.version,
+        "export_s": round(result.seconds, 1),
+        "parity": result.report.summary(),
+    }
+
+
+def request_bodies(ckpt: Path, p: ServingPlan) -> list[tuple[str, int]]:
+    """Texts cut from held-out stdlib sources at log-uniform token lengths, with their lengths
+    as the encoder tokenizer counts them (``<cls>`` included)."""
+    from tokenizers import Tokenizer
+
+    from exporters.corpus import read_texts, split_corpus
+
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    split = split_corpus()
+    lines = [
+        line
+        for text in read_texts(split.root, split.held_out, 2_000_000)
+        for line in text.splitlines(keepends=True)
+    ]
+    rng = random.Random(0)
+    bodies: list[tuple[str, int]] = []
+    start = 0
+    while len(bodies) < p.n_bodies:
+        target = round(p.min_tokens * (p.max_tokens / p.min_tokens) ** rng.random())
+        text, tokens = "", 0
+        while tokens < target:
+            text += lines[start % len(lines)]
+            start += 1
+            tokens = len(tokenizer.encode(text).ids)
+        if tokens <= p.n_max:
+            bodies.append((text, tokens))
+    return bodies
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Longhaul's batch histograms summed over models: {metric_sum/count: value}."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    wanted = (
+        "longhaul_inference_duration_seconds",
+        "longhaul_batch_padding_ratio",
+        "longhaul_batch_size",
+        "longhaul_queue_duration_seconds",
+    )
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def _sum(after: dict[str, float], before: dict[str, float], metric: str) -> float:
+    return after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)
+
+
+def _mean(after: dict[str, float], before: dict[str, float], metric: str) -> float | None:
+    count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
+    total = after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)
+    return total / count if count else None
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclass
+class Target:
+    """One server process and the model it is asked for."""
+
+    label: str
+    model: str
+    cmd: list[str]
+    env: dict[str, str]
+    ready_path: str
+    longhaul: bool
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _targets(
+    p: ServingPlan, store: Path, ckpt: Path, variants: list[tuple[str, str]]
+) -> list[Target]:
+    """A Longhaul process per variant, Longhaul's default model with batching off (the control
+    that shows what batching itself does on this CPU), and the naive server."""
+    quiet = {"LONGHAUL_LOG_LEVEL": "warning"}
+    targets = [
+        Target(
+            label,
+            name,
+            ["-m", "service", "--store", str(store)],
+            {**quiet, "LONGHAUL_MODELS": f'["{name}"]'},
+            "/health/ready",
+            True,
+        )
+        for label, name in variants
+    ]
+    if p.with_unbatched_control:
+        label, name = variants[0]
+        targets.append(
+            Target(
+                f"{label}, max batch 1",
+                name,
+                ["-m", "service", "--store", str(store)],
+                {**quiet, "LONGHAUL_MODELS": f'["{name}"]', "LONGHAUL_MAX_BATCH_SIZE": "1"},
+                "/health/ready",
+                True,
+            )
+        )
+    targets.append(
+        Target(
+            "naive eager-fp32",
+            "naive",
+            ["-m", "benchmarks.naive_server", "--checkpoint", str(ckpt)],
+            {},
+            "/health",
+            False,
+        )
+    )
+    for target in targets:
+        target.port = free_port()
+        target.cmd = [sys.executable, *target.cmd, "--port", str(target.port)]
+    return targets
+
+
+def run(
+    p: ServingPlan,
+    workdir: Path,
+    choice: tuple[str, str] | None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = prepare_checkpoint(workdir, p.arch, p.n_max)
+    store = workdir / "store"
+    fmt, precision = choice or DEFAULT_SERVING
+    exports = [(f"longhaul {fmt}-{precision}", "encoder-default", fmt, precision)]
+    if p.with_fp32_variant and (fmt, precision) != ("onnx", "fp32"):
+        exports.append(("longhaul onnx-fp32", "encoder-onnx-fp32", "onnx", "fp32"))
+    published = []
+    for _, name, f, prec in exports:
+        if (store / name).is_dir():
+            shutil.rmtree(store / name)  # a stale scratch version from an earlier run
+        published.append(publish(ckpt, store, name, f, prec))
+        log(f"  published {name} ({f} {prec}) in {published[-1]['export_s']} s")
+
+    bodies = request_bodies(ckpt, p)
+    targets = _targets(p, store, ckpt, [(label, name) for label, name, _, _ in exports])
+    results: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(server_process(t.cmd, t.env, workdir / f"server-{i}.log"))
+            for i, t in enumerate(targets)
+        ]
+        for target, proc in zip(targets, procs, strict=True):
+            wait_ready(
+                target.base_url + target.ready_path, 300, lambda proc=proc: proc.poll() is None
+            )
+        for target in targets:  # warm-up, not measured: first requests allocate and JIT
+            warm = [({"model": target.model, "inputs": t}, n) for t, n in bodies[:16]]
+            asyncio.run(run_load(f"{target.base_url}/v1/encode", warm, 4, 16, 60))
+        for c in p.concurrencies:
+            for target, proc in zip(targets, procs, strict=True):
+                payload = [({"model": target.model, "inputs": t}, n) for t, n in bodies]
+                before = scrape(target.base_url) if target.longhaul else {}
+                # CPU seconds of the server and of this (load generator) process: on 2 shared
+                # cores the client's own cost is part of the picture.
+                server_cpu, client_cpu = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
+                load = asyncio.run(
+                    run_load(
+                        f"{target.base_url}/v1/encode", payload, c, p.max_requests, p.max_seconds
+                    )
+                )
+                row = load.summary()
+                row["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu, 2)
+                row["client_cpu_s"] = round(cpu_seconds(os.getpid()) - client_cpu, 2)
+                if target.longhaul:
+                    after = scrape(target.base_url)
+                    row["padding_ratio"] = _mean(after, before, "longhaul_batch_padding_ratio")
+                    row["mean_batch_size"] = _mean(after, before, "longhaul_batch_size")
+                    row["mean_queue_s"] = _mean(after, before, "longhaul_queue_duration_seconds")
+                    row["inference_s"] = _sum(after, before, "longhaul_inference_duration_seconds")
+                results[target.label].append(row)
+                log(
+                    f"  c={c:<3} {target.label:<34}{row['requests_per_s']:7.1f} req/s  "
+                    f"p50 {row['p50_s'] * 1e3:6.0f} ms  p99 {row['p99_s'] * 1e3:6.0f} ms"
+                    + (
+                        f"  padding {row['padding_ratio']:.2f} batch {row['mean_batch_size']:.1f}"
+                        if row.get("padding_ratio") is not None
+                        else ""
+                    )
+                    + (f"  errors {row['errors']}" if row["errors"] else "")
+                )
+    from service.settings import Settings
+
+    defaults = Settings()
+    return {
+        "plan": asdict(p),
+        "size": asdict(REALISTIC),
+        "published": published,
+        "request_tokens": [n for _, n in bodies],
+        "longhaul_settings": {
+            "batch_cost_budget": defaults.batch_cost_budget,
+            "max_batch_size": defaults.max_batch_size,
+            "max_wait_ms": defaults.max_wait_ms,
+            "max_queue_requests": defaults.max_queue_requests,
+        },
+        "servers": results,
+        "load_generator": "closed loop, httpx AsyncClient in the benchmark process (same cores)",
+    }
