@@ -58,8 +58,8 @@ serve: $(STAMP)
 	test -d $(STORE) || $(MAKE) models STORE=$(STORE)
 	$(PY) -m service --store $(STORE) --host $(HOST) --port $(PORT)
 
-# Benchmarks (docs/benchmarks.md): measure into benchmarks/results/cpu-<N>core.json (~25 min on
-# 2 idle cores), then regenerate the markdown and plots from that JSON alone.
+# Benchmarks (docs/benchmarks.md): measure into benchmarks/results/cpu-<N>core.json (~30 min on
+# 2 cores), then regenerate the markdown and plots from that JSON alone.
 # BENCH_ARGS=--quick is a few-minute smoke run that writes only under benchmarks/results/scratch/.
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -2,7 +2,7 @@
 write ``benchmarks/results/<name>.json``; ``python -m benchmarks.report`` turns it into
 docs/benchmarks.md and plots (``make bench`` runs both).
 
-    python -m benchmarks                     # full run (~25 min on 2 idle cores)
+    python -m benchmarks                     # full run (~30 min on 2 cores)
     python -m benchmarks --quick             # smoke run (a few minutes) -> results/scratch/
     python -m benchmarks --sections scaling,backends
 
@@ -21,7 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, SCRATCH, load_average, machine_info, write_json
+from benchmarks.common import (
+    RESULTS,
+    SCRATCH,
+    load_average,
+    machine_info,
+    read_json,
+    write_json,
+)
 
 SECTIONS = ("scaling", "backends", "serving", "generation")
 
@@ -81,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="serve this FORMAT-PRECISION instead of section 2's choice",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the sections run here in an existing results file (the others, and "
+        "the CPU default they were served with, are kept)",
+    )
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -100,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         "section_seconds": {},
     }
     choice: tuple[str, str] | None = args.path
+    if args.merge and out.is_file():
+        previous = read_json(out)
+        kept = {k: v for k, v in previous["sections"].items() if k not in sections}
+        data["sections"] = kept
+        data["section_seconds"] = {
+            k: v for k, v in previous["section_seconds"].items() if k in kept
+        }
+        data["merged_from"] = {
+            "machine": previous["machine"],
+            "sections": sorted(kept),
+            "total_seconds": previous.get("total_seconds"),
+        }
+        served = previous["sections"].get("serving", {}).get("published", [])
+        if choice is None and served:  # keep serving what the kept sections were served with
+            choice = (served[0]["format"], served[0]["precision"])
     busy = data["machine"]["load_average_at_start"][0]
     if busy > 0.5 * (os.cpu_count() or 1):
         # Other work on the cores makes OpenMP threads wait on each other (measured here: a

@@ -76,7 +76,7 @@ def plan(quick: bool, threads: int) -> BackendsPlan:
             length=256,
             point_budget_s=1.0,
             max_samples=3,
-            gemm_size=1024,
+            gemm_size=2048,
             threads=threads,
         )
     return BackendsPlan(

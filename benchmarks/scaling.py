@@ -64,7 +64,7 @@ def plan(quick: bool, threads: int) -> ScalingPlan:
         lengths=tuple(1024 * 2**i for i in range(7)),
         time_cap_s=60.0,
         memory_cap_bytes=12 * GIB,
-        point_budget_s=8.0,
+        point_budget_s=5.0,
         max_samples=5,
         threads=threads,
     )
