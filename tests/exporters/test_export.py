@@ -43,6 +43,26 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint) -> Path:
     return root
 
 
+def _export(
+    checkpoint: Path,
+    store: Path,
+    fmt: str,
+    precision: str = "fp32",
+    max_context: int | None = None,
+):
+    """One quiet export into ``store`` (the model name does not matter to these tests)."""
+    request = ExportRequest(
+        checkpoint=checkpoint,
+        store=store,
+        name="m",
+        format=fmt,
+        precision=precision,
+        max_context=max_context,
+        progress=False,
+    )
+    return export(request)
+
+
 def _runner(version):
     manifest = version.manifest
     names_in = [t.name for t in manifest.signature.inputs]
@@ -155,16 +175,7 @@ def test_alibi_extrapolation_curve_sets_max_context(store, tiny_checkpoint) -> N
 
 
 def test_max_context_override_is_recorded(tmp_path, tiny_checkpoint) -> None:
-    result = export(
-        ExportRequest(
-            checkpoint=tiny_checkpoint("alibi"),
-            store=tmp_path,
-            name="alibi",
-            format="onnx",
-            max_context=100,
-            progress=False,
-        )
-    )
+    result = _export(tiny_checkpoint("alibi"), tmp_path, "onnx", max_context=100)
     manifest = result.published.manifest
     assert manifest.max_context == 100
     assert manifest.extrapolation is not None
@@ -173,16 +184,7 @@ def test_max_context_override_is_recorded(tmp_path, tiny_checkpoint) -> None:
 
 
 def test_int8_onnx_reports_cosine_and_argmax(tmp_path, tiny_checkpoint) -> None:
-    result = export(
-        ExportRequest(
-            checkpoint=tiny_checkpoint("shatter"),
-            store=tmp_path,
-            name="shatter-int8",
-            format="onnx",
-            precision="int8",
-            progress=False,
-        )
-    )
+    result = _export(tiny_checkpoint("shatter"), tmp_path, "onnx", precision="int8")
     parity = result.published.manifest.parity
     assert parity.tolerance is None
     assert parity.min_cosine is not None and parity.min_cosine >= 0.99
@@ -193,16 +195,7 @@ def test_int8_onnx_reports_cosine_and_argmax(tmp_path, tiny_checkpoint) -> None:
 
 
 def test_bf16_torchscript_passes_the_cosine_floor(tmp_path, tiny_checkpoint) -> None:
-    result = export(
-        ExportRequest(
-            checkpoint=tiny_checkpoint("linformer"),
-            store=tmp_path,
-            name="lin-bf16",
-            format="torchscript",
-            precision="bf16",
-            progress=False,
-        )
-    )
+    result = _export(tiny_checkpoint("linformer"), tmp_path, "torchscript", precision="bf16")
     parity = result.published.manifest.parity
     assert result.published.manifest.precision == "bf16"
     assert parity.min_cosine is not None and parity.min_cosine >= 0.99
@@ -212,15 +205,7 @@ def test_failed_parity_publishes_nothing(tmp_path, tiny_checkpoint, monkeypatch)
     # ORT's kernels differ from eager by ~1e-7: a 1e-12 tolerance must fail.
     monkeypatch.setattr(parity_module, "FP32_TOLERANCE", 1e-12)
     with pytest.raises(ParityError, match="nothing was published") as exc:
-        export(
-            ExportRequest(
-                checkpoint=tiny_checkpoint("linformer"),
-                store=tmp_path,
-                name="lin",
-                format="onnx",
-                progress=False,
-            )
-        )
+        _export(tiny_checkpoint("linformer"), tmp_path, "onnx")
     assert not exc.value.report.passed
     assert ModelRepository(tmp_path).list_models() == []
     assert [p.name for p in tmp_path.iterdir()] == []
@@ -229,16 +214,7 @@ def test_failed_parity_publishes_nothing(tmp_path, tiny_checkpoint, monkeypatch)
 def test_below_cosine_floor_is_refused(tmp_path, tiny_checkpoint, monkeypatch) -> None:
     monkeypatch.setattr(parity_module, "MIN_COSINE", 1.000001)
     with pytest.raises(ParityError):
-        export(
-            ExportRequest(
-                checkpoint=tiny_checkpoint("shatter"),
-                store=tmp_path,
-                name="s",
-                format="onnx",
-                precision="int8",
-                progress=False,
-            )
-        )
+        _export(tiny_checkpoint("shatter"), tmp_path, "onnx", precision="int8")
     assert ModelRepository(tmp_path).list_models() == []
 
 
@@ -266,16 +242,7 @@ def test_a_frozen_sequence_axis_is_detected(tmp_path, tiny_checkpoint) -> None:
 
 def test_unsupported_precision_is_a_clear_error(tmp_path, tiny_checkpoint) -> None:
     with pytest.raises(ValueError, match="precision bf16 is not supported for onnx"):
-        export(
-            ExportRequest(
-                checkpoint=tiny_checkpoint("shatter"),
-                store=tmp_path,
-                name="s",
-                format="onnx",
-                precision="bf16",
-                progress=False,
-            )
-        )
+        _export(tiny_checkpoint("shatter"), tmp_path, "onnx", precision="bf16")
 
 
 def test_cli_export_then_tamper_makes_verify_fail_naming_the_file(
