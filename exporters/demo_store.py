@@ -2,6 +2,9 @@
 (``<arch>-demo-ts``), built from demo checkpoints that are trained once and cached.
 
 A second run trains nothing and exports nothing that is already published; it only verifies.
+The exception is a model whose newest version was exported under an older graph contract (a
+``kv_cache`` graph returning the whole cache): the service refuses to load it, so it is exported
+again from the cached checkpoint as a new version (the stale one stays, immutable, and refused).
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ from model_store import ModelRepository
 
 ARCHS = ("linformer", "reformer", "alibi", "shatter")
 FORMATS = {"onnx": "{arch}-demo", "torchscript": "{arch}-demo-ts"}
+
+
+def is_current(repo: ModelRepository, name: str, log: Callable[[str], None]) -> bool:
+    """Is the newest version of ``name`` published and servable as is? A version exported
+    under an older graph contract (``CacheLayout.stale_contract``) is not: keeping it would
+    leave the demo model unservable."""
+    if name not in repo.list_models():
+        return False
+    manifest = repo.load_manifest(name)
+    cache = manifest.signature.cache
+    problem = cache.stale_contract() if cache is not None else None
+    if problem is not None:
+        log(f"{name}/{manifest.version} is stale: {problem}; re-exporting it as a new version")
+        return False
+    return True
 
 
 def build_demo_store(
@@ -37,7 +55,7 @@ def build_demo_store(
             log(f"checkpoint {ckpt} exists, not retraining")
         for fmt, pattern in FORMATS.items():
             name = pattern.format(arch=arch)
-            if name in repo.list_models():
+            if is_current(repo, name, log):
                 log(f"{name} already published, not re-exporting")
                 continue
             started = time.perf_counter()

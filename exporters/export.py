@@ -35,6 +35,7 @@ from exporters.parity import ParityError, Report, run_parity
 from exporters.runtime import OnnxRunner, Runner, TorchScriptRunner
 from model_store import Manifest, ModelRepository, ModelVersion
 from model_store.manifest import (
+    NEW_ENTRIES_OUTPUT,
     UNASSIGNED_VERSION,
     CacheLayout,
     ExtrapolationReport,
@@ -156,7 +157,7 @@ def _signature(spec: GraphSpec, dtype: str) -> GraphSignature:
         layers, _, _, heads, _, head_dim = spec.inputs[2][2]
         cache = CacheLayout(
             input="past_key_values",
-            output="present_key_values",
+            output=NEW_ENTRIES_OUTPUT,
             layout=["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
             n_layers=int(layers),
             n_heads=int(heads),

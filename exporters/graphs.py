@@ -42,10 +42,13 @@ class SequenceGraph(nn.Module):
 
 
 class KVCacheGraph(nn.Module):
-    """(input_ids, attention_mask, past_key_values) -> (logits, present_key_values).
+    """(input_ids, attention_mask, past_key_values) -> (logits, new_key_values).
 
-    The cache crosses the graph boundary as float32 (layers, 2, batch, heads, past, head_dim);
-    reduced-precision models cast it in and out so one cache layout serves every precision.
+    The cache crosses the graph boundary as float32: (layers, 2, batch, heads, past, head_dim)
+    in, and out only the t new tokens' entries (layers, 2, batch, heads, t, head_dim). The
+    caller keeps the cache and writes the new entries where it wants them, so a decode step
+    copies nothing of the past's size (docs/decisions.md). Reduced-precision models cast the
+    cache in and out so one cache layout serves every precision.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -56,10 +59,10 @@ class KVCacheGraph(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
-        logits, present = self.model.forward_cached(  # type: ignore[operator]
+        logits, new = self.model.forward_step(  # type: ignore[operator]
             input_ids, attention_mask, past_key_values.to(self.dtype)
         )
-        return logits.float(), present.float()
+        return logits.float(), new.float()
 
 
 def graph_spec(task: str, config: object) -> GraphSpec:
@@ -83,22 +86,20 @@ def graph_spec(task: str, config: object) -> GraphSpec:
     # head_dim where a config has one (a Reformer's attn_head_dim may differ from d_model / h)
     head_dim = getattr(config, "head_dim", config.d_model // heads)  # type: ignore[attr-defined]
     past = ("past_key_values", "float32", (layers, 2, "batch", heads, "past_sequence", head_dim))
-    present = (
-        "present_key_values",
-        "float32",
-        (layers, 2, "batch", heads, "total_sequence", head_dim),
-    )
+    # Only the new tokens' entries: the caller owns the cache (docs/contracts.md).
+    new = ("new_key_values", "float32", (layers, 2, "batch", heads, "sequence", head_dim))
     mask = ("attention_mask", "int64", ("batch", "total_sequence"))
-    return GraphSpec("kv_cache", (ids, mask, past), (logits, present))
+    return GraphSpec("kv_cache", (ids, mask, past), (logits, new))
 
 
 def _has_kv_cache(config: object) -> bool:
-    """A model class with ``forward_cached``, and, where the class says which configs its cache
-    reproduces (``supports_kv_cache``, e.g. Reformer: causal native LSH only), this config."""
+    """A model class with ``forward_step`` (the cached step the graph exports), and, where the
+    class says which configs its cache reproduces (``supports_kv_cache``, e.g. Reformer: causal
+    native LSH only), this config."""
     from exporters.architectures import ARCHITECTURES, architecture_of
 
     model_class = ARCHITECTURES[architecture_of(config)].model_class
-    if not hasattr(model_class, "forward_cached"):
+    if not hasattr(model_class, "forward_step"):
         return False
     supports = getattr(model_class, "supports_kv_cache", None)
     return supports is None or bool(supports(config))

@@ -1,9 +1,9 @@
 """Exported-vs-eager parity: the same inputs through both, compared at a stated tolerance.
 
 fp32 exports must match within ``FP32_TOLERANCE`` (max |diff| over logits, hidden states and the
-returned cache, at real-token positions). Reduced-precision exports are compared with the fp32
-eager model by cosine similarity of each position's logits and by argmax agreement, and are
-refused below ``MIN_COSINE``.
+new cache entries returned, at real-token positions). Reduced-precision exports are compared
+with the fp32 eager model by cosine similarity of each position's logits and by argmax
+agreement, and are refused below ``MIN_COSINE``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Case:
     name: str
     inputs: dict[str, np.ndarray]
     new_token_mask: np.ndarray  # (b, t) 1 where the output row is a real token
-    cache_mask: np.ndarray | None = None  # (b, total) 1 where the returned cache is real
+    cache_mask: np.ndarray | None = None  # (b, t) 1 where a returned new cache entry is real
 
 
 @dataclass
@@ -110,7 +110,8 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
     """Batch-1 cases at every length plus a padded batch of two at the middle length.
 
     For kv-cache graphs every length is also followed by a one-token decode step on top of the
-    cache the eager model produced, so both prefill (empty past) and decode are checked.
+    cache the eager model produced, so both prefill (empty past: the graph returns the whole
+    prompt's entries) and decode (one token's entries) are checked.
     """
     gen = np.random.default_rng(seed)
     vocab = config.vocab_size  # type: ignore[attr-defined]
@@ -151,27 +152,37 @@ def _as_torch(inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 
 def _prepare_decode(reference: nn.Module, case: Case, vocab: int, gen: np.random.Generator) -> Case:
-    """Turn a '-decode' case into one new token on top of the eager model's prefill cache."""
+    """Turn a '-decode' case into one new token on top of the eager model's prefill cache.
+
+    The cache is laid out as the service's decode batch holds it (service/engine/kv_cache.py):
+    each row's real tokens first, its padding slots after them, then the new token, so a
+    padded row checks padding between the past and the new token, not only on the left.
+    """
     with torch.no_grad():
-        _, present = reference(*_as_torch(case.inputs))
+        _, prefill = reference(*_as_torch(case.inputs))  # empty past: the whole prompt's entries
+    cache = prefill.numpy()  # (L, 2, b, h, P, e)
+    past = np.zeros_like(cache)
+    prompt_mask = case.inputs["attention_mask"]
+    past_mask = np.zeros_like(prompt_mask)
+    for row, real in enumerate(prompt_mask.astype(bool)):
+        n = int(real.sum())
+        past[:, :, row, :, :n] = cache[:, :, row][:, :, :, real]  # (L, 2, h, n, e)
+        past_mask[row, :n] = 1
     batch = case.inputs["input_ids"].shape[0]
     ids = _ids(gen, vocab, batch, 1)
-    mask = np.concatenate(
-        [case.inputs["attention_mask"], np.ones((batch, 1), dtype=np.int64)], axis=1
-    )
-    inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": present.numpy()}
-    return Case(case.name, inputs, np.ones((batch, 1), dtype=np.int64), mask)
+    ones = np.ones((batch, 1), dtype=np.int64)
+    mask = np.concatenate([past_mask, ones], axis=1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": past}
+    return Case(case.name, inputs, ones, ones)
 
 
 def _compare(ref: np.ndarray, out: np.ndarray, mask: np.ndarray, axis_of_tokens: int) -> float:
-    """Max |diff| over real positions; cache tensors carry tokens on axis 4."""
-    if ref.shape != out.shape:
-        raise ParityError(f"shape mismatch: eager {ref.shape} vs exported {out.shape}")
+    """Max |diff| over real positions; cache entries carry tokens on axis 4."""
     diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
     if axis_of_tokens == 1:  # (b, t, ...)
         keep = mask.astype(bool)
         return float(diff[keep].max()) if keep.any() else 0.0
-    # (layers, 2, b, h, total, e): bring (b, total) to the front.
+    # (layers, 2, b, h, t, e): bring (b, t) to the front.
     moved = np.moveaxis(diff, (2, 4), (0, 1))
     return float(moved[mask.astype(bool)].max())
 
@@ -209,7 +220,13 @@ def run_parity(
         got = runner.run(case.inputs)
         diffs = []
         for (name, _, _), ref in zip(spec.outputs, expected, strict=True):
-            is_cache = name == "present_key_values"
+            if ref.shape != got[name].shape:
+                raise ParityError(
+                    report,
+                    f"{case.name}: {name} has shape {got[name].shape} in the exported graph, "
+                    f"{ref.shape} in the eager model",
+                )
+            is_cache = name == "new_key_values"
             mask = case.cache_mask if is_cache else case.new_token_mask
             diffs.append(_compare(ref, got[name], mask, 4 if is_cache else 1))
         cosine, agree = _cosine_and_argmax(expected[0], got["logits"], case.new_token_mask)

@@ -14,6 +14,7 @@ from model_store.errors import (
 )
 from model_store.manifest import (
     MANIFEST_FILE,
+    NEW_ENTRIES_OUTPUT,
     SCHEMA_VERSION,
     UNASSIGNED_VERSION,
     CacheLayout,
@@ -36,6 +37,7 @@ from model_store.repository import (
 
 __all__ = [
     "MANIFEST_FILE",
+    "NEW_ENTRIES_OUTPUT",
     "SCHEMA_VERSION",
     "UNASSIGNED_VERSION",
     "CacheLayout",

@@ -104,11 +104,22 @@ class TensorSpec(_Frozen):
         return value
 
 
+# docs/contracts.md: a kv_cache graph returns only the new tokens' cache entries, under this
+# name. Graphs exported before that returned the whole present cache as "present_key_values";
+# their manifests still parse (the store keeps what it published), but a server must not run
+# them as if they followed the new contract: see CacheLayout.stale_contract.
+NEW_ENTRIES_OUTPUT = "new_key_values"
+
+
 class CacheLayout(_Frozen):
-    """The stacked KV cache of a ``kv_cache`` decoder: one tensor in, one (longer) tensor out."""
+    """The stacked KV cache of a ``kv_cache`` decoder: the past cache in (layers, 2, batch,
+    heads, past_sequence, head_dim), only the new tokens' entries out (..., sequence, ...)."""
 
     input: str = Field(min_length=1, description="graph input name, e.g. past_key_values")
-    output: str = Field(min_length=1, description="graph output name, e.g. present_key_values")
+    output: str = Field(
+        min_length=1,
+        description="graph output holding only the new tokens' entries: new_key_values",
+    )
     layout: list[str] = Field(
         min_length=1,
         description='axis names, e.g. ["layers","2","batch","heads","past_sequence","head_dim"]',
@@ -122,6 +133,21 @@ class CacheLayout(_Frozen):
     @classmethod
     def _known_dtype(cls, value: str) -> str:
         return TensorSpec._known_dtype(value)
+
+    def stale_contract(self) -> str | None:
+        """Why a graph exported under an older cache contract cannot be served, or None.
+
+        The old graphs returned the whole present cache (past + new) instead of the new entries
+        alone; a server reading that output as new entries would corrupt every cache, so such
+        versions are refused at load and rebuilt by re-exporting their checkpoint.
+        """
+        if self.output == NEW_ENTRIES_OUTPUT:
+            return None
+        return (
+            f"its kv_cache graph returns {self.output!r} (exported under the old contract that "
+            f"returned the whole cache); this version of Longhaul needs graphs whose cache "
+            f"output is {NEW_ENTRIES_OUTPUT!r}, the new tokens' entries only (docs/contracts.md)"
+        )
 
 
 class GraphSignature(_Frozen):

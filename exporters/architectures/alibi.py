@@ -7,16 +7,23 @@ runs past the length it was trained on.
 Shape legend (see common.py): b batch, t new tokens, s keys (past + new), h heads, e head width,
 d model width, v vocabulary, L layers.
 
-Decoding keeps one stacked KV cache (L, 2, b, h, s, e). ``forward_cached`` is what the exporter
-turns into the ``kv_cache`` graph, so everything on that path is export-safe: no ``.item()``, no
-branch on tensor values, every index built from an ``arange`` or ``cumsum`` of shapes.
+Decoding keeps one stacked KV cache (L, 2, b, h, s, e). ``forward_step`` is what the exporter
+turns into the ``kv_cache`` graph: it reads the past cache and returns only the new tokens'
+entries, and attention scores the past and the new keys separately instead of concatenating the
+caches, so a decode step copies nothing of size s (docs/decisions.md, "kv-cache graphs return
+only the new entries"). ``forward_cached`` is the same step returning the whole present cache,
+for eager callers. Everything on that path is export-safe: no ``.item()``, no branch on tensor
+values, every index built from an ``arange`` or ``cumsum`` of shapes.
+
+The past may hold padding slots anywhere (mask 0): positions are ``cumsum(mask) - 1``, so they
+shift no distance between real tokens, and padded keys are masked before the softmax.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +81,26 @@ def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -
     return -slopes[:, None, None] * rel[..., None, :, :]  # (..., h, t, s)
 
 
+class SplitBias(NamedTuple):
+    """What attention adds and masks, for the past keys and the new keys kept apart (built once
+    per step and shared by every layer): the past may hold padding slots anywhere."""
+
+    past: Tensor  # (b, h, t, P) or (h, t, P) fp32 additive bias of the past keys
+    new: Tensor  # (b, h, t, t) or (h, t, t) fp32 additive bias of the new keys
+    past_visible: Tensor  # (b, 1, 1, P) bool: real past slots, seen by every new query
+    new_visible: Tensor  # (b, 1, t, t) bool: real new keys at or before the query
+
+
+def split_visibility(key_padding_mask: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """key_padding_mask (b, P + t), 1 for real keys -> (past_visible, new_visible) of
+    :class:`SplitBias`: new query i sees every real past key and the real new keys 0..i."""
+    p = key_padding_mask.shape[-1] - t
+    new_slots = torch.arange(t, device=key_padding_mask.device)
+    causal = new_slots[None, :] <= new_slots[:, None]  # (t, t)
+    valid = key_padding_mask.bool()
+    return valid[:, None, None, :p], causal & valid[:, None, None, p:]
+
+
 def alibi_attention(
     q: Tensor,
     k: Tensor,
@@ -88,19 +115,50 @@ def alibi_attention(
     (the past cache followed by the new tokens), so query i sits at slot s − t + i.
     bias (b, h, t, s) or (h, t, s); key_padding_mask (b, s), 1 for real keys and 0 for padding.
     Returns (b, h, t, e). A query with no visible key (a left-pad slot) gets a uniform, finite row.
-    ``scale`` multiplies q·k; None is the usual 1/√e.
+    ``scale`` multiplies q·k; None is the usual 1/√e. The math is :func:`alibi_attention_split`'s.
     """
-    t, s = q.shape[-2], k.shape[-2]
-    key_slots = torch.arange(s, device=q.device)
-    query_slots = torch.arange(t, device=q.device) + (s - t)
-    causal = key_slots[None, :] <= query_slots[:, None]  # (t, s)
-    allowed = causal & key_padding_mask.bool()[:, None, None, :]  # (b, 1, t, s)
-    # Scores, bias and softmax in fp32 so a bf16/fp16 model keeps large distances exact; one
-    # masked_fill (not a sum of large negatives) so nothing can overflow to -inf and give NaN.
+    t = q.shape[-2]
+    p = k.shape[-2] - t
+    past_visible, new_visible = split_visibility(key_padding_mask, t)
+    split = SplitBias(bias[..., :p], bias[..., p:], past_visible, new_visible)
+    return alibi_attention_split(
+        q, k[..., :p, :], v[..., :p, :], k[..., p:, :], v[..., p:, :], split, scale
+    )
+
+
+def alibi_attention_split(
+    q: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: SplitBias,
+    scale: float | None = None,
+) -> Tensor:
+    """:func:`alibi_attention` over past keys and new keys kept apart.
+
+    q, k, v (b, h, t, e): the t new tokens; past_k, past_v (b, h, P, e), P may be 0; keys are the
+    P past slots followed by the t new ones. Returns (b, h, t, e).
+
+    The caches are never concatenated: each block is scored, biased and masked on its own, only
+    the masked (t × (P + t)) scores are concatenated for one softmax, and the output is
+    p_past @ past_v + p_new @ v. Concatenating the (b, h, P, e) caches per layer and per step
+    was what made a decode step's cost grow with copies of the whole cache.
+    """
+    p = past_k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)).float() * scale + bias  # (b, h, t, s)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return F.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, h, t, e)
+    # Scaling q (t × e) rather than the scores (t × (P + t)) saves a pass over the scores; in a
+    # bf16/fp16 model that rounds q once more, no more than its matmul rounds anyway.
+    q = q * scale
+    # Scores, bias and softmax in fp32 so a bf16/fp16 model keeps large distances exact; one
+    # masked_fill per block (not a sum of large negatives) so nothing can overflow to -inf.
+    lowest = torch.finfo(torch.float32).min
+    past = (q @ past_k.transpose(-1, -2)).float() + bias.past  # (b, h, t, P)
+    past = past.masked_fill(~bias.past_visible, lowest)
+    new = (q @ k.transpose(-1, -2)).float() + bias.new  # (b, h, t, t)
+    new = new.masked_fill(~bias.new_visible, lowest)
+    probs = F.softmax(torch.cat([past, new], dim=-1), dim=-1).to(v.dtype)  # masked: exactly 0
+    return probs[..., :p] @ past_v + probs[..., p:] @ v  # (b, h, t, e)
 
 
 @dataclass(frozen=True)
@@ -174,10 +232,9 @@ class AlibiSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(
-        self, x: Tensor, bias: Tensor, key_padding_mask: Tensor, past_kv: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """x (b, t, d), past_kv (2, b, h, s_past, e) -> (b, t, d), present (2, b, h, s, e)."""
+    def forward(self, x: Tensor, bias: SplitBias, past_kv: Tensor) -> tuple[Tensor, Tensor]:
+        """x (b, t, d), past_kv (2, b, h, P, e) -> (b, t, d), new_kv (2, b, h, t, e): the new
+        tokens' keys and values only; the past is read, never copied."""
         qkv = self.qkv(x)  # (b, t, 3d)
         if self.clip_qkv is not None:  # config switch, not a tensor value: export-safe
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
@@ -186,9 +243,7 @@ class AlibiSelfAttention(nn.Module):
         q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         k = k.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         v = v.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
-        k = torch.cat([past_kv[0], k], dim=2)  # (b, h, s, e)
-        v = torch.cat([past_kv[1], v], dim=2)  # (b, h, s, e)
-        y = alibi_attention(q, k, v, bias, key_padding_mask, self.softmax_scale)  # (b, h, t, e)
+        y = alibi_attention_split(q, past_kv[0], past_kv[1], k, v, bias, self.softmax_scale)
         y = y.transpose(1, 2).flatten(2)  # (b, t, d)
         return self.out(y), torch.stack([k, v])
 
@@ -205,13 +260,11 @@ class AlibiBlock(nn.Module):
         self.ff = FeedForward(config.d_model, config.d_ff, config.activation, bias)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: Tensor, bias: Tensor, key_padding_mask: Tensor, past_kv: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        a, present = self.attn(self.ln_attn(x), bias, key_padding_mask, past_kv)
+    def forward(self, x: Tensor, bias: SplitBias, past_kv: Tensor) -> tuple[Tensor, Tensor]:
+        a, new_kv = self.attn(self.ln_attn(x), bias, past_kv)
         x = x + self.drop(a)
         x = x + self.drop(self.ff(self.ln_ff(x)))
-        return x, present
+        return x, new_kv
 
 
 class AlibiLM(nn.Module):
@@ -238,25 +291,31 @@ class AlibiLM(nn.Module):
     def _decode(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Shared body -> (hidden (b, t, d), present (L, 2, b, h, s, e))."""
-        # Positions count real tokens only, so pads anywhere (left padding, or a short chunk of
-        # a row in a mixed batch) never change the distances i − j between real tokens. Pad
-        # slots get a repeated position but are masked as keys and their outputs are unused.
-        key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, s)
-        query_positions = key_positions[:, past_key_values.shape[-2] :]  # (b, t)
+        """Shared body -> (hidden (b, t, d), new entries (L, 2, b, h, t, e))."""
+        # Positions count real tokens only, so pads anywhere (left padding, a short chunk of a
+        # row in a mixed batch, or free slots of a preallocated cache between a row's tokens and
+        # its new one) never change the distances i − j between real tokens. Pad slots get a
+        # repeated position but are masked as keys and their outputs are unused.
+        past = past_key_values.shape[-2]
+        key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
+        query_positions = key_positions[:, past:]  # (b, t)
         c = self.config
         slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule).to(input_ids.device)
-        bias = alibi_bias(slopes, query_positions, key_positions)  # (b, h, t, s)
+        bias = SplitBias(
+            alibi_bias(slopes, query_positions, key_positions[:, :past]),  # (b, h, t, P)
+            alibi_bias(slopes, query_positions, query_positions),  # (b, h, t, t)
+            *split_visibility(attention_mask, input_ids.shape[1]),
+        )
 
         x = self.embed(input_ids)  # (b, t, d)
         if c.embed_layer_norm:
             x = self.embed_norm(x)
         x = self.drop(x)
-        presents = []
+        news = []
         for layer, block in enumerate(self.blocks):
-            x, present = block(x, bias, attention_mask, past_key_values[layer])
-            presents.append(present)
-        return self.ln_f(x), torch.stack(presents)
+            x, new_kv = block(x, bias, past_key_values[layer])
+            news.append(new_kv)
+        return self.ln_f(x), torch.stack(news)  # (L, 2, b, h, t, e): t tokens, cheap to stack
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""
@@ -264,14 +323,24 @@ class AlibiLM(nn.Module):
         hidden, _ = self._decode(input_ids, attention_mask, past)
         return self.head(hidden), hidden
 
+    def forward_step(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One prefill, chunk or decode step, returning only the new tokens' cache entries (what
+        the ``kv_cache`` graph exports).
+
+        input_ids (b, t) int64; attention_mask (b, P + t) int64 over the cached and the new
+        tokens, 0 at padding slots, which may sit anywhere in the past; past_key_values
+        (L, 2, b, h, P, e), P may be 0. Returns logits (b, t, v) and new_key_values
+        (L, 2, b, h, t, e): the caller appends them to its cache wherever it keeps the tokens.
+        """
+        hidden, new = self._decode(input_ids, attention_mask, past_key_values)
+        return self.head(hidden), new
+
     def forward_cached(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """One prefill, chunk or decode step.
-
-        input_ids (b, t) int64; attention_mask (b, s + t) int64 over the cached and the new
-        tokens; past_key_values (L, 2, b, h, s, e), s may be 0.
-        Returns logits (b, t, v) and present_key_values (L, 2, b, h, s + t, e).
-        """
-        hidden, present = self._decode(input_ids, attention_mask, past_key_values)
-        return self.head(hidden), present
+        """:meth:`forward_step` returning the whole present cache (L, 2, b, h, P + t, e): the
+        past followed by the new entries. For eager callers; graphs export ``forward_step``."""
+        logits, new = self.forward_step(input_ids, attention_mask, past_key_values)
+        return logits, torch.cat([past_key_values, new], dim=4)

@@ -13,9 +13,13 @@ the service):
   model has a final norm) hidden states; a Reformer that concatenates its two reversible streams
   (``stream_merge="concat"``) returns (b, t, 2d), its config's ``hidden_size``.
   Outputs at padding positions are unspecified but finite.
-* The ALiBi decoder also has ``forward_cached(input_ids, attention_mask, past_key_values)`` ->
-  ``(logits, present_key_values)`` where the mask covers past + new tokens (b, s + t) and the cache
-  is one stacked tensor (layers, 2, b, h, s, e).
+* The ALiBi decoder (and the causal native Reformer) also has
+  ``forward_step(input_ids, attention_mask, past_key_values)`` -> ``(logits, new_key_values)``
+  where the mask covers past + new tokens (b, s + t), 0 at padding slots anywhere in the past,
+  the past cache is one stacked tensor (layers, 2, b, h, s, e) and ``new_key_values``
+  (layers, 2, b, h, t, e) holds only the new tokens' entries (what the ``kv_cache`` graph
+  exports); ``forward_cached`` takes the same inputs and returns the whole present cache
+  (layers, 2, b, h, s + t, e) for eager callers.
 * Configs are frozen dataclasses validated in ``__post_init__`` and expose ``task``
   ("encode" | "generate") and ``max_positions`` (hard length limit, or None when unbounded).
 """

@@ -17,9 +17,11 @@ positions count real tokens only (left padding does not shift them). A row's out
 independent of the length it was padded to in a batch.
 
 Incremental decoding (causal native models, ``ReformerModel.supports_kv_cache``): the causal
-rule makes a token's output a function of earlier tokens only, so ``forward_cached`` keeps each
-layer's qk vectors and values in ALiBi's cache layout and ``lsh_attention_cached`` applies the
-same rule to the new tokens without sorting; it equals ``forward`` up to float rounding.
+rule makes a token's output a function of earlier tokens only, so ``forward_step`` reads each
+layer's cached qk vectors and values (ALiBi's cache layout) and returns the new tokens' entries,
+and ``lsh_attention_cached`` applies the same rule to the new tokens without sorting; it equals
+``forward`` up to float rounding. Padding slots may sit anywhere in the past (positions and
+bucket ranks count real tokens only); ``forward_cached`` returns the whole present cache.
 
 HF-compatible mode (``hf_compatible=True``, for checkpoints imported from HF ``transformers``)
 reproduces HF's ``ReformerModelWithLMHead`` instead, and so gives up both properties above:
@@ -504,11 +506,13 @@ class LSHSelfAttention(nn.Module):
         )
         return self.out(y.transpose(1, 2).flatten(2))  # (b, h, t, e) -> (b, t, d)
 
-    def forward_cached(self, x: Tensor, key_mask: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_step(self, x: Tensor, key_mask: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
         """Causal native models only: x (b, t, d) new tokens, key_mask (b, s) bool over the
-        cached + new tokens, past (2, b, h, s − t, e) = [qk, v] of the cached tokens
-        -> (b, t, d), present (2, b, h, s, e). Buckets are recomputed from the cached qk (the
-        rotations are fixed), so qk and v are all a layer needs to keep."""
+        cached + new tokens (padding anywhere in the past), past (2, b, h, s − t, e) = [qk, v]
+        of the cached slots -> (b, t, d), new (2, b, h, t, e): [qk, v] of the new tokens.
+        Buckets are recomputed from the cached qk (the rotations are fixed), so qk and v are all
+        a layer needs to keep. The caches are concatenated here: the bucket ranks read every
+        key anyway, so a token costs O(s) either way."""
         c = self.config
         x = self.norm(x)
         qk = self.qk(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
@@ -518,7 +522,7 @@ class LSHSelfAttention(nn.Module):
         buckets = lsh_buckets(qk_all, self.rotations, c.n_buckets)  # (b, h, r, s)
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], c.n_buckets)
         y = lsh_attention_cached(qk, qk_all, v_all, buckets, key_mask, c.chunk_length, c.n_buckets)
-        return self.out(y.transpose(1, 2).flatten(2)), torch.stack([qk_all, v_all])
+        return self.out(y.transpose(1, 2).flatten(2)), torch.stack([qk, v])
 
 
 class LocalSelfAttention(nn.Module):
@@ -594,17 +598,17 @@ class ReversibleBlock(nn.Module):
         y2 = x2 + self.ff(y1)
         return y1, y2
 
-    def forward_cached(
+    def forward_step(
         self, x1: Tensor, x2: Tensor, key_mask: Tensor, past: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``forward`` for t new tokens (LSH layers of causal native models): x1, x2 (b, t, d),
-        key_mask (b, s) bool, past (2, b, h, s − t, e) -> y1, y2 (b, t, d), present
-        (2, b, h, s, e). F reads only x2, which for a new token depends on nothing but its own
-        streams, so caching F's qk and v of every earlier token is enough."""
-        a, present = self.attn.forward_cached(x2, key_mask, past)  # type: ignore[operator]
+        key_mask (b, s) bool, past (2, b, h, s − t, e) -> y1, y2 (b, t, d), the new tokens'
+        entries (2, b, h, t, e). F reads only x2, which for a new token depends on nothing but
+        its own streams, so caching F's qk and v of every earlier token is enough."""
+        a, new = self.attn.forward_step(x2, key_mask, past)  # type: ignore[operator]
         y1 = x1 + a
         y2 = x2 + self.ff(y1)
-        return y1, y2, present
+        return y1, y2, new
 
     def inverse(
         self, y1: Tensor, y2: Tensor, key_mask: Tensor, hf_plain: Tensor | None = None
@@ -721,17 +725,20 @@ class ReformerModel(nn.Module):
             c.n_layers, 2, batch_size, c.n_heads, 0, c.head_dim, dtype=dtype, device=device
         )
 
-    def forward_cached(
+    def forward_step(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
         """One prefill, chunk or decode step, equal to ``forward`` on the whole sequence up to
-        float rounding (docs/decisions.md, "Reformer incremental decoding").
+        float rounding (docs/decisions.md, "Reformer incremental decoding"), returning only the
+        new tokens' cache entries (what the ``kv_cache`` graph exports).
 
         input_ids (b, t) int64; attention_mask (b, s + t) int64 over the cached and the new
-        tokens; past_key_values (L, 2, b, h, s, e), s may be 0, [:, 0] the qk vectors (before
-        normalisation) and [:, 1] the values of each LSH layer. Returns logits (b, t, v) and
-        present_key_values (L, 2, b, h, s + t, e). No padding to a chunk multiple: the masks of
-        :func:`lsh_attention_cached` replace the chunks.
+        tokens, 0 at padding slots, which may sit anywhere in the past (real tokens, free slots,
+        then the new token: positions and bucket ranks count real tokens only, and padded keys
+        are never visible); past_key_values (L, 2, b, h, s, e), s may be 0, [:, 0] the qk
+        vectors (before normalisation) and [:, 1] the values of each LSH layer. Returns logits
+        (b, t, v) and new_key_values (L, 2, b, h, t, e). No padding to a chunk multiple: the
+        masks of :func:`lsh_attention_cached` replace the chunks.
         """
         self._require_kv_cache()
         total = attention_mask.shape[1]
@@ -740,17 +747,25 @@ class ReformerModel(nn.Module):
             raise ValueError(
                 f"input length {total} exceeds this Reformer's position table ({limit})"
             )
-        # Positions count real tokens only, as in forward: left padding does not shift them.
+        # Positions count real tokens only, as in forward: padding slots do not shift them.
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (b, s + t)
         positions = positions[:, past_key_values.shape[-2] :]  # (b, t)
         x = self.embed(input_ids) + self._positions(positions, total)  # (b, t, d)
         key_mask = attention_mask.bool()  # (b, s + t)
         x1, x2 = x, x
-        presents = []
+        news = []
         for layer, block in enumerate(self.blocks):
-            x1, x2, present = block.forward_cached(x1, x2, key_mask, past_key_values[layer])
-            presents.append(present)
+            x1, x2, new = block.forward_step(x1, x2, key_mask, past_key_values[layer])
+            news.append(new)
         merged = (
             torch.cat([x1, x2], dim=-1) if self.config.stream_merge == "concat" else (x1 + x2) / 2
         )
-        return self.head(self.norm(merged)), torch.stack(presents)
+        return self.head(self.norm(merged)), torch.stack(news)
+
+    def forward_cached(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_step` returning the whole present cache (L, 2, b, h, s + t, e): the
+        past followed by the new entries. For eager callers; graphs export ``forward_step``."""
+        logits, new = self.forward_step(input_ids, attention_mask, past_key_values)
+        return logits, torch.cat([past_key_values, new], dim=4)

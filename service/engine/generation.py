@@ -8,11 +8,13 @@ results. At every step:
    (``settings.max_num_seqs``) and the KV budget holds their worst case (:class:`KVBudget`);
    the head of the queue is never overtaken, so a large request cannot starve;
 3. ``kv_cache`` graphs (ALiBi, causal native Reformer): the running batch decodes one token per
-   sequence in one forward pass, then admitted prompts are prefilled: at most
+   sequence in one forward pass over the preallocated decode buffer (kv_cache.py), whose new
+   entries are written in place; then admitted prompts are prefilled: at most
    ``settings.prefill_chunk_tokens`` prompt tokens per step, each prompt in chunks on top of its
-   own growing cache. A long prompt is thus spread over several steps and the running streams
-   keep getting a token every step instead of stalling for the whole prefill. A prompt whose
-   prefill completes samples its first token and joins the decode batch for the next step;
+   own exact-length cache (each chunk's new entries appended: a prompt has few chunks). A long
+   prompt is thus spread over several steps and the running streams keep getting a token every
+   step instead of stalling for the whole prefill. A prompt whose prefill completes samples its
+   first token and joins the decode batch for the next step;
 4. ``full_sequence`` graphs (causal Reformers with ``hf_compatible`` or "local" layers, whose
    outputs a cache could not reproduce): there is no cache to carry between steps, so every
    step recomputes every running sequence in full — prompt and generated tokens, left-padded to
@@ -29,7 +31,7 @@ request (:class:`GenerationStream`), after every forward pass, so streamed decod
 held back while the same step goes on to prefill.
 
 Determinism: a sequence's tokens depend only on its own prompt, parameters and generator
-(sampling.py). Left padding is invisible to the model (kv_cache.py), and each row of a batched
+(sampling.py). Padding slots are invisible to the model (kv_cache.py), and each row of a batched
 forward pass computes the same numbers as the row alone up to floating-point reassociation
 (well below anything that changes a sampled token in practice; the tests check it).
 """
@@ -101,7 +103,7 @@ class GenerationStats:
 
     running: int  # admitted: prefilling or decoding
     waiting: int
-    kv_cache_bytes: int  # cache arrays held right now (the padded batch + partial prefills)
+    kv_cache_bytes: int  # cache arrays held right now (the decode buffer + partial prefills)
     decode_batch: int  # rows of the decode batch
 
 
@@ -179,7 +181,7 @@ class _Sequence:
     record_metrics: bool = True  # warm-up requests stay out of the metrics
     admitted: float = 0.0
     prefilled: int = 0  # prompt tokens already in ``cache``
-    cache: np.ndarray | None = None  # own cache while prefilling (L, 2, 1, h, n, e)
+    cache: np.ndarray | None = None  # own exact-length cache while prefilling (L, 2, 1, h, n, e)
     generated: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
 
@@ -455,16 +457,17 @@ class GenerationEngine:
         rows = [self._running[seq_id] for seq_id in self.batch.ids]
         inputs = self.batch.inputs([seq.generated[-1] for seq in rows], self.cache_input)
         lengths = self.batch.real_lengths()
+        span = self.batch.capacity + 1  # keys each row's new token attends over, free slots too
         outbox = _Outbox()
         try:
-            outputs = self._forward(inputs, self.batch.past_length + 1)
+            outputs = self._forward(inputs, span)
             self.batch.advance(outputs[self.cache_output])
         except Exception as exc:
             self._fail(rows, exc, outbox)
             self._send(outbox)
             return
         b = len(rows)
-        self.metrics.observe_batch(self.name, b, b * self.batch.past_length, sum(lengths) + b, [])
+        self.metrics.observe_batch(self.name, b, b * span, sum(lengths) + b, [])
         logits = outputs["logits"][:, -1]  # (b, v)
         finished = {
             seq.id for row, seq in enumerate(rows) if self._accept(seq, logits[row], outbox)
@@ -502,14 +505,16 @@ class GenerationEngine:
             self.metrics.observe_batch(self.name, 1, n, n, queue_seconds if first_chunk else [])
             if first_chunk:
                 queue_seconds = []
-            seq.cache = outputs[self.cache_output]
+            # The graph returns this chunk's entries only; a prompt has few chunks, so appending
+            # them to the sequence's own exact-length cache copies little.
+            seq.cache = np.concatenate([past, outputs[self.cache_output]], axis=4)
             seq.prefilled += n
             if seq.prefilled < len(seq.prompt):
                 continue
             self._prefilling.remove(seq)
             finished = self._accept(seq, outputs["logits"][0, -1], outbox)
             if not finished:
-                self.batch.add(seq.id, seq.cache)
+                self.batch.add(seq.id, seq.cache, seq.reserved_tokens)
                 self._running[seq.id] = seq
             seq.cache = None
             self._send(outbox)

@@ -132,7 +132,7 @@ def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(
         {
             "input_ids": ids[:, -1:].numpy(),
             "attention_mask": np.ones((1, 40), np.int64),
-            "past_key_values": out["present_key_values"],
+            "past_key_values": out["new_key_values"],  # empty past: the whole prompt's
         }
     )
     with torch.no_grad():

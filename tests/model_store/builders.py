@@ -42,15 +42,15 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 300]},
                 {
-                    "name": "present_key_values",
+                    "name": "new_key_values",
                     "dtype": "float32",
-                    "shape": [2, 2, "batch", 4, "past_sequence + sequence", 8],
+                    "shape": [2, 2, "batch", 4, "sequence", 8],
                 },
             ],
             "generation_mode": "kv_cache",
             "cache": {
                 "input": "past_key_values",
-                "output": "present_key_values",
+                "output": "new_key_values",
                 "layout": ["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
                 "n_layers": 2,
                 "n_heads": 4,
@@ -102,3 +102,19 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
 
 def make_manifest(**overrides: Any) -> Manifest:
     return Manifest.model_validate(manifest_document(**overrides))
+
+
+OLD_CACHE_OUTPUT = "present_key_values"
+
+
+def with_old_cache_contract(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (a kv_cache manifest) as exported before kv_cache graphs returned only the
+    new tokens' entries: the cache output was the whole present cache, "present_key_values"."""
+    signature = document["signature"]
+    new_name = signature["cache"]["output"]
+    outputs = [
+        {**spec, "name": OLD_CACHE_OUTPUT} if spec["name"] == new_name else spec
+        for spec in signature["outputs"]
+    ]
+    cache = {**signature["cache"], "output": OLD_CACHE_OUTPUT}
+    return {**document, "signature": {**signature, "outputs": outputs, "cache": cache}}

@@ -12,7 +12,11 @@ from pydantic import ValidationError
 
 from model_store import SCHEMA_VERSION, Manifest, ManifestError, Provenance
 from model_store import manifest as manifest_module
-from tests.model_store.builders import make_manifest, manifest_document
+from tests.model_store.builders import (
+    make_manifest,
+    manifest_document,
+    with_old_cache_contract,
+)
 
 ENCODER_SIGNATURE = {
     "inputs": [
@@ -122,6 +126,18 @@ def test_cache_layout_must_name_graph_tensors() -> None:
     cache = {**document["signature"]["cache"], "input": "past"}
     with pytest.raises(ValidationError, match="cache input 'past' is not a graph input"):
         Manifest.model_validate(with_signature(cache=cache))
+
+
+def test_old_whole_cache_contract_still_parses_but_is_reported_stale() -> None:
+    """A store keeps what it published: a graph exported when kv_cache graphs returned the
+    whole cache ("present_key_values") is a valid manifest, and says why it cannot be served."""
+    current = Manifest.model_validate(manifest_document()).signature.cache
+    assert current is not None and current.stale_contract() is None
+    old = Manifest.model_validate(with_old_cache_contract(manifest_document()))
+    assert old.signature.cache is not None
+    problem = old.signature.cache.stale_contract()
+    assert problem is not None
+    assert "'present_key_values'" in problem and "'new_key_values'" in problem
 
 
 def test_duplicate_tensor_names_and_unknown_dtypes_rejected() -> None:

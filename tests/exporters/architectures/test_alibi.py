@@ -189,6 +189,59 @@ def test_padding_inside_the_cache_does_not_shift_distances(model: AlibiLM) -> No
     torch.testing.assert_close(torch.cat([first, second[:, 2:]], 1), alone, atol=ATOL, rtol=0)
 
 
+def scatter_past(present: torch.Tensor, real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(L, 2, 1, h, n, e) -> (L, 2, 1, h, P, e) with the n entries at the slots where ``real``
+    (P,) is True and random junk elsewhere: junk must not matter if padding is never attended."""
+    past = torch.randn(*present.shape[:4], real.numel(), present.shape[-1], generator=gen) * 50
+    past[..., real, :] = present
+    return past
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1100])
+def test_forward_step_with_padding_anywhere_in_the_past_equals_the_unpadded_sequence(
+    model: AlibiLM, n: int
+) -> None:
+    """What the service's decode buffer does: real tokens, free (masked) slots, then the new
+    token; also pads before and between real tokens. Logits and the new entries equal
+    forward_cached on the same tokens without any padding."""
+    ids = random_ids(1, n + 1, seed=n)
+    gen = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        past = model.empty_cache(1, torch.float32, ids.device)
+        _, present = model.forward_cached(ids[:, :n], torch.ones(1, n, dtype=torch.int64), past)
+        want, full = model.forward_cached(
+            ids[:, n:], torch.ones(1, n + 1, dtype=torch.int64), present
+        )
+        free = 5 + n // 4
+        layouts = {
+            "free slots after the real ones": torch.arange(n + free) < n,
+            "scattered": torch.randperm(n + free, generator=gen) < n,
+        }
+        for name, real in layouts.items():
+            padded = scatter_past(present, real, gen)
+            mask = torch.cat([real.long(), torch.ones(1, dtype=torch.int64)])[None]
+            got, new = model.forward_step(ids[:, n:], mask, padded)
+            assert new.shape == (CONFIG.n_layers, 2, 1, CONFIG.n_heads, 1, CONFIG.head_dim)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=name)
+            torch.testing.assert_close(new, full[..., n:, :], atol=ATOL, rtol=0, msg=name)
+
+
+def test_forward_step_returns_only_the_new_entries_of_forward_cached(model: AlibiLM) -> None:
+    """One implementation: forward_cached is forward_step plus the past in front."""
+    ids = random_ids(2, 9, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        past = model.empty_cache(2, torch.float32, ids.device)
+        first, prompt = model.forward_step(ids[:, :6], mask[:, :6], past)
+        cached_first, present = model.forward_cached(ids[:, :6], mask[:, :6], past)
+        second, new = model.forward_step(ids[:, 6:], mask, prompt)
+        cached_second, full = model.forward_cached(ids[:, 6:], mask, present)
+    assert prompt.shape[4] == 6 and new.shape[4] == 3
+    assert torch.equal(first, cached_first) and torch.equal(prompt, present)
+    assert torch.equal(second, cached_second) and torch.equal(full, torch.cat([prompt, new], 4))
+
+
 def test_runs_at_four_times_the_trained_context(model: AlibiLM) -> None:
     ids = random_ids(1, 4 * CONFIG.trained_context)
     with torch.no_grad():

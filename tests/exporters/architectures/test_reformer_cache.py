@@ -110,6 +110,48 @@ def test_left_padded_batch_equals_each_row_alone(model: ReformerModel) -> None:
     torch.testing.assert_close(got[1, 9:], alone[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("n", "free", "t"), [(1, 3, 1), (9, 4, 1), (23, 17, 1), (12, 5, 3)])
+def test_padding_between_the_past_and_the_new_tokens_is_invisible(
+    model: ReformerModel, n: int, free: int, t: int
+) -> None:
+    """The service's decode buffer: n real tokens, ``free`` masked slots (holding junk), then
+    the t new tokens. Positions and bucket ranks count real tokens only, so logits and the new
+    entries equal the unpadded sequence's."""
+    ids = ids_of(1, n + t, seed=n)
+    with torch.no_grad():
+        past = model.empty_cache(1, torch.float32, CPU)
+        _, present = model.forward_cached(ids[:, :n], torch.ones(1, n, dtype=torch.long), past)
+        gen = torch.Generator().manual_seed(n)
+        junk = torch.randn(*present.shape[:4], free, present.shape[-1], generator=gen) * 10
+        padded = torch.cat([present, junk], dim=4)
+        mask = torch.cat([torch.ones(n), torch.zeros(free), torch.ones(t)]).long()[None]
+        got, new = model.forward_step(ids[:, n:], mask, padded)
+        _, whole = model.forward_cached(ids, torch.ones_like(ids), past)
+    assert new.shape == (2, 2, 1, 2, t, CONFIG.head_dim)
+    torch.testing.assert_close(got, full_logits(model, ids)[:, n:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(new, whole[..., n:, :], atol=ATOL, rtol=0)
+
+
+def test_decoding_into_a_buffer_with_free_slots_equals_full_recompute(model: ReformerModel) -> None:
+    """Token by token the way the engine decodes: the cache keeps a fixed number of slots, real
+    tokens left-aligned, each new entry written at the row's length."""
+    ids = ids_of(1, 20, seed=6)
+    prompt, capacity = 5, 24
+    with torch.no_grad():
+        buffer = torch.zeros(2, 2, 1, 2, capacity, CONFIG.head_dim)
+        logits, new = model.forward_step(
+            ids[:, :prompt], torch.ones(1, prompt, dtype=torch.long), buffer[..., :0, :]
+        )
+        buffer[..., :prompt, :] = new
+        outs = [logits]
+        for n in range(prompt, ids.shape[1]):
+            mask = torch.cat([torch.arange(capacity) < n, torch.ones(1, dtype=torch.bool)])
+            logits, new = model.forward_step(ids[:, n : n + 1], mask.long()[None], buffer)
+            buffer[..., n : n + 1, :] = new
+            outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, 1), full_logits(model, ids), atol=ATOL, rtol=0)
+
+
 def test_greedy_generation_through_the_cache_equals_full_recompute(model: ReformerModel) -> None:
     prompt, steps = ids_of(1, 5, seed=4), 32
     recomputed = prompt

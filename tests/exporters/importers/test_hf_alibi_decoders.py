@@ -35,13 +35,15 @@ Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def onnx_step(version: ModelVersion) -> Step:
-    """The published kv-cache graph as a (ids, mask, past) -> (logits, present) function."""
-    runner = OnnxRunner(version.model_path, ["logits", "present_key_values"])
+    """The published kv-cache graph as a (ids, mask, past) -> (logits, present) function: the
+    graph returns the new tokens' entries, appended here as the service appends them."""
+    runner = OnnxRunner(version.model_path, ["logits", "new_key_values"])
 
     def step(ids: Tensor, mask: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
         inputs = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         out = runner.run({**inputs, "past_key_values": past.numpy()})
-        return torch.from_numpy(out["logits"]), torch.from_numpy(out["present_key_values"])
+        new = torch.from_numpy(out["new_key_values"])
+        return torch.from_numpy(out["logits"]), torch.cat([past, new], dim=4)
 
     return step
 

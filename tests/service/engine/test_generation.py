@@ -48,8 +48,9 @@ OTHER_PROMPTS = ["import os\n", "class Foo(object):\n    def __init__(self, x, y
 @dataclass
 class Call:
     input_shape: tuple[int, ...]
-    past_length: int
+    past_length: int  # slots of the past cache passed (a decode step: the buffer's capacity)
     past_bytes: int
+    past_tokens: tuple[int, ...]  # real tokens of each row's past (its mask over the past)
     outputs: dict[str, np.ndarray]
 
 
@@ -74,11 +75,14 @@ class Probe(Backend):
             raise self.fail
         outputs = self.inner.run(inputs)
         past = inputs.get("past_key_values")
+        slots = 0 if past is None else past.shape[4]
+        real = inputs["attention_mask"][:, :slots].sum(axis=1)
         self.calls.append(
             Call(
                 inputs["input_ids"].shape,
-                0 if past is None else past.shape[4],
+                slots,
                 0 if past is None else past.nbytes,
+                tuple(int(n) for n in real),
                 outputs,
             )
         )
@@ -87,7 +91,7 @@ class Probe(Backend):
 
 class CountingBackend(Backend):
     """A fake kv_cache graph: the next token is the last input id + 1, except that
-    ``eos_after`` is followed by <eos>. The cache it returns is zeros of the right shape."""
+    ``eos_after`` is followed by <eos>. The new cache entries it returns are zeros."""
 
     provider = "counting"
 
@@ -105,7 +109,7 @@ class CountingBackend(Backend):
         logits = np.zeros((b, t, self.vocab), np.float32)
         np.put_along_axis(logits, following[..., None], 10.0, axis=-1)
         new = np.zeros((*past.shape[:4], t, past.shape[5]), np.float32)
-        return {"logits": logits, "present_key_values": np.concatenate([past, new], axis=4)}
+        return {"logits": logits, "new_key_values": new}
 
 
 @dataclass(frozen=True)
@@ -439,6 +443,40 @@ def test_kv_budget_makes_the_second_request_wait_then_complete_correctly(
     assert result_b.token_ids == alone_b.token_ids
     assert max(c.past_bytes for c in probe.calls) <= budget
     assert max(c.input_shape[0] for c in probe.calls) == 1  # never batched together
+
+
+def test_the_allocated_cache_never_exceeds_the_budget_while_buffers_grow(
+    ali: LoadedModel,
+) -> None:
+    """The decode buffer grows with headroom (256-slot blocks); capped at the longest
+    reservation, rows x capacity stays within what admission counted, so the budget holds for
+    what is really allocated at every step, not only for the reservations."""
+    layout = ali.manifest.signature.cache
+    assert layout is not None
+    per_token = CacheShape.from_layout(layout).bytes_per_token
+    budget = 3 * 300 * per_token  # three sequences of 300 tokens; 3 x 512 slots would not fit
+    counting = counting_model(ali)  # the fake graph has no context limit of its own
+    counting = replace(counting, manifest=ali.manifest.model_copy(update={"max_context": 1024}))
+    probe = Probe(counting.backend)
+    held: list[int] = []
+
+    async def main() -> list[GenerationResult]:
+        async with running(with_backend(counting, probe), kv_cache_bytes=budget) as engine:
+            params = SamplingParams(max_new_tokens=299, temperature=0)
+            streams = [await engine.submit([10 + i], params) for i in range(5)]
+            done = asyncio.gather(*(s.collect() for s in streams))
+            while not done.done():
+                held.append(engine.stats().kv_cache_bytes)
+                await asyncio.sleep(0.001)
+            return await done
+
+    results = run(main())
+    assert [r.completion_tokens for r in results] == [299] * 5
+    decodes = [c for c in probe.calls if c.input_shape[1] == 1 and c.past_length > 1]
+    assert max(c.input_shape[0] for c in decodes) == 3  # three rows at once, never more
+    assert max(c.past_length for c in decodes) == 300  # grew past 256, capped at 300
+    assert max(c.past_bytes for c in probe.calls) <= budget
+    assert max(held) <= budget
 
 
 def test_beyond_the_waiting_limit_requests_are_refused(ali: LoadedModel) -> None:

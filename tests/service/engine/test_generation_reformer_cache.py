@@ -64,10 +64,15 @@ def test_greedy_tokens_and_logits_equal_the_eager_full_recompute(
     expected = eager_greedy(reference, ids, NEW_TOKENS)
     assert tokens == expected
     assert len(set(tokens)) > 2  # context-dependent choices, not one token repeated
-    # One prefill with an empty cache, then one token per step on a cache growing by one.
+    # One prefill with an empty cache, then one token per step on a cache growing by one (in
+    # the decode buffer, whose free slots are masked).
     steps = len(tokens)
     assert [c.input_shape for c in probe.calls] == [(1, len(ids))] + [(1, 1)] * (steps - 1)
-    assert [c.past_length for c in probe.calls] == [0, *range(len(ids), len(ids) + steps - 1)]
+    assert [c.past_tokens for c in probe.calls] == [
+        (0,),
+        *((n,) for n in range(len(ids), len(ids) + steps - 1)),
+    ]
+    assert all(c.past_length > len(ids) for c in probe.calls[1:])  # free slots in the past
     with torch.no_grad():
         eager = []
         for i in range(steps):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from model_store import ModelRepository
 from service.backends.onnx import OnnxBackend
-from service.engine.errors import ModelNotFound, ModelVerificationError
+from service.engine.errors import ModelLoadError, ModelNotFound, ModelVerificationError
 from service.engine.models import load_model
 from service.settings import Settings
+from tests.model_store.builders import with_old_cache_contract
 from tests.service.conftest import ServiceStore
 
 
@@ -44,3 +47,18 @@ def test_unknown_model_or_version(
         load_model(
             ModelRepository(service_store.root), name, version, Settings(store=service_store.root)
         )
+
+
+def test_a_graph_exported_under_the_old_cache_contract_is_refused(
+    store_copy: ServiceStore,
+) -> None:
+    """Its files verify, but its cache output is the whole cache: served as new entries it
+    would corrupt every sequence, so loading stops and says to re-export."""
+    repo = ModelRepository(store_copy.root)
+    path = repo.resolve("ali").path / "manifest.json"
+    path.write_text(json.dumps(with_old_cache_contract(json.loads(path.read_text()))))
+    assert repo.verify("ali").ok
+    with pytest.raises(ModelLoadError, match="present_key_values") as info:
+        load_model(repo, "ali", None, Settings(store=store_copy.root))
+    assert "Re-export it from its checkpoint" in str(info.value)
+    assert "make models" in str(info.value)

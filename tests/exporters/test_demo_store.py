@@ -1,0 +1,45 @@
+"""``make models``: what the demo store rebuilds and what it keeps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from exporters import demo_store
+from model_store import ModelRepository
+from tests.model_store.builders import with_old_cache_contract
+
+
+def test_a_stale_kv_cache_model_is_exported_again_then_kept(
+    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose newest version has the old cache contract is refused by the service, so
+    the demo store exports it again (a new version) instead of counting it as published; once
+    current, a second run exports nothing."""
+    monkeypatch.setattr(demo_store, "ARCHS", ("alibi",))
+    monkeypatch.setattr(demo_store, "FORMATS", {"onnx": "{arch}-demo"})
+    checkpoints, store = tmp_path / "checkpoints", tmp_path / "store"
+    shutil.copytree(tiny_checkpoint("alibi"), checkpoints / "alibi")  # trained: not retrained
+    logs: list[str] = []
+
+    timings = demo_store.build_demo_store(checkpoints, store, logs.append)
+    assert set(timings) == {"export alibi-demo"}
+    repo = ModelRepository(store)
+    manifest = repo.resolve("alibi-demo").path / "manifest.json"
+    manifest.write_text(json.dumps(with_old_cache_contract(json.loads(manifest.read_text()))))
+
+    logs.clear()
+    timings = demo_store.build_demo_store(checkpoints, store, logs.append)
+    assert set(timings) == {"export alibi-demo"}
+    assert any("alibi-demo/1 is stale" in line and "re-exporting" in line for line in logs)
+    assert repo.list_versions("alibi-demo") == [1, 2]
+    cache = repo.load_manifest("alibi-demo").signature.cache
+    assert cache is not None and cache.stale_contract() is None
+
+    logs.clear()
+    assert demo_store.build_demo_store(checkpoints, store, logs.append) == {}
+    assert "alibi-demo already published, not re-exporting" in logs

@@ -1,0 +1,73 @@
+"""Parity cases of kv-cache graphs: new cache entries compared, in the service's cache layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from exporters.architectures.alibi import AlibiConfig, AlibiLM
+from exporters.architectures.common import init_weights
+from exporters.graphs import graph_spec, wrap
+from exporters.parity import ParityError, _prepare_decode, build_cases, run_parity
+from exporters.runtime import Runner
+
+CONFIG = AlibiConfig(vocab_size=40, d_model=16, n_heads=2, n_layers=2, d_ff=32, trained_context=8)
+
+
+class EagerRunner(Runner):
+    """The eager graph module behind the Runner interface. ``whole_cache``: answer as graphs
+    exported under the old contract did, with the past and the new entries together."""
+
+    provider = "eager"
+
+    def __init__(self, module: nn.Module, whole_cache: bool = False) -> None:
+        self.module = module
+        self.whole_cache = whole_cache
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logits, new = self.module(*(torch.from_numpy(v) for v in inputs.values()))
+        if self.whole_cache:
+            new = torch.cat([torch.from_numpy(inputs["past_key_values"]), new], dim=4)
+        return {"logits": logits.numpy(), "new_key_values": new.numpy()}
+
+
+@pytest.fixture(scope="module")
+def reference() -> nn.Module:
+    torch.manual_seed(0)
+    model = AlibiLM(CONFIG).eval()
+    init_weights(model, std=0.3)
+    return wrap(model, graph_spec("generate", CONFIG), torch.float32)
+
+
+def test_decode_cases_hold_padding_between_the_past_and_the_new_token(
+    reference: nn.Module,
+) -> None:
+    """As the service's decode buffer holds it: real entries first, free slots, new token."""
+    spec = graph_spec("generate", CONFIG)
+    case = next(c for c in build_cases(spec, CONFIG, [4, 10]) if c.name.endswith("padded-decode"))
+    prompt_mask = case.inputs["attention_mask"]
+    assert prompt_mask.tolist()[1] == [0] * 5 + [1] * 5  # the prompt itself is left-padded
+    with torch.no_grad():
+        _, prefill = reference(*(torch.from_numpy(v) for v in case.inputs.values()))
+    decode = _prepare_decode(reference, case, CONFIG.vocab_size, np.random.default_rng(0))
+    assert decode.inputs["attention_mask"].tolist() == [[1] * 11, [1] * 5 + [0] * 5 + [1]]
+    past = decode.inputs["past_key_values"]
+    np.testing.assert_array_equal(past[:, :, 1, :, :5], prefill[:, :, 1, :, 5:].numpy())
+    np.testing.assert_array_equal(past[:, :, 0], prefill[:, :, 0].numpy())
+    assert decode.cache_mask is not None and decode.cache_mask.shape == (2, 1)  # one new entry
+
+
+def test_new_entries_are_compared_and_the_old_whole_cache_output_fails(
+    reference: nn.Module,
+) -> None:
+    spec = graph_spec("generate", CONFIG)
+    report = run_parity(reference, EagerRunner(reference), spec, CONFIG, [4, 10], "fp32", False)
+    assert report.passed and report.max_abs_diff == 0
+    names = [c.name for c in report.cases]
+    assert "b2xL10-padded-prefill" in names and "b2xL10-padded-decode" in names
+    old = EagerRunner(reference, whole_cache=True)
+    with pytest.raises(ParityError, match=r"decode: new_key_values has shape"):
+        run_parity(reference, old, spec, CONFIG, [4, 10], "fp32", False)
