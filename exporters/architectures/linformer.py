@@ -33,6 +33,7 @@ from exporters.architectures.common import (
     init_weights,
     require_choice,
     require_positive,
+    sinusoidal_positions,
 )
 
 Sharing = Literal["none", "key-value", "layerwise"]
@@ -184,6 +185,12 @@ class LinformerEncoder(nn.Module):
         bound = 1.0 / math.sqrt(config.k)
         for matrix in self.seq_proj:
             nn.init.uniform_(matrix, -bound, bound)
+        # The position table is learned, but starts as sinusoids (Vaswani et al.) at the
+        # embeddings' 0.02 scale rather than as noise: neighbouring positions then start out
+        # similar, which masked-token prediction needs first. Measured on the demo preset (500
+        # steps, same seed): held-out loss 0.927 x unigram against 0.970 from noise.
+        with torch.no_grad():
+            self.pos_emb.weight.copy_(0.02 * sinusoidal_positions(config.n_max, config.d_model))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""

@@ -77,3 +77,28 @@ def test_cli_rejects_a_typo_with_usage(capsys) -> None:
         main(["train", "--arch", "alibbi", "--preset", "tiny", "--out", "x"])
     assert exc.value.code == 2
     assert "invalid choice: 'alibbi'" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_and_is_reported(monkeypatch, tmp_path: Path) -> None:
+    import dataclasses
+
+    from exporters import training
+
+    tiny = training.PRESETS["linformer"]["tiny"]
+    monkeypatch.setitem(
+        training.PRESETS["linformer"], "tiny", dataclasses.replace(tiny, bf16_autocast=True)
+    )
+    report = training.train("linformer", "tiny", tmp_path / "ckpt", steps=3, progress=False)
+    expected = "bf16 autocast" if training.bf16_supported() else "fp32"
+    assert report["compute"] == expected
+    assert math.isfinite(report["held_out_loss"])
+    # Weights stay fp32 whatever the step computed in: the checkpoint loads as an fp32 model.
+    model = load_checkpoint(tmp_path / "ckpt").model
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_fp32_presets_report_fp32(tmp_path: Path) -> None:
+    from exporters.training import train
+
+    report = train("shatter", "tiny", tmp_path / "ckpt", steps=1, progress=False)
+    assert report["compute"] == "fp32"

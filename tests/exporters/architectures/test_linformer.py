@@ -230,3 +230,13 @@ def test_config_is_frozen_and_describes_the_task() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.k = 4  # type: ignore[misc]
     LinformerConfig()  # the defaults are valid
+
+
+def test_position_table_starts_smooth_in_position() -> None:
+    """Native init: neighbouring positions start more alike than distant ones (sinusoids)."""
+    model = LinformerEncoder(tiny_config(d_model=64, n_max=512))
+    table = torch.nn.functional.normalize(model.pos_emb.weight, dim=-1)  # (n_max, d)
+    near = (table[:-1] * table[1:]).sum(-1).mean()
+    far = (table[:-100] * table[100:]).sum(-1).mean()
+    assert near > 0.9 and far < near - 0.3
+    assert abs(float(model.pos_emb.weight.std()) - 0.02 / math.sqrt(2)) < 2e-3
