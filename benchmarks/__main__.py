@@ -7,7 +7,8 @@ docs/benchmarks.md and plots (``make bench`` runs both).
     python -m benchmarks --sections scaling,backends
 
 Sections run in this order because later ones use earlier results: serving and generation
-serve the CPU default path that the backends section chose (``--path`` overrides it).
+serve the CPU default path that the backends section chose (``--path`` overrides it). The
+engine section (continuous batching in process, on the ALiBi demo model) stands alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from benchmarks.common import (
     write_json,
 )
 
-SECTIONS = ("scaling", "backends", "serving", "generation")
+SECTIONS = ("scaling", "backends", "serving", "generation", "engine")
 
 
 def _path(value: str) -> tuple[str, str]:
@@ -62,6 +63,10 @@ def _run_section(
         from benchmarks import serving
 
         return serving.run(serving.plan(quick), work / "serving", choice, log)
+    if section == "engine":
+        from benchmarks import generation
+
+        return generation.section(quick, threads, work / "engine", log)
     from benchmarks import generation_vs_hf
 
     return generation_vs_hf.run(generation_vs_hf.plan(quick), work / "generation", choice, log)

@@ -7,9 +7,14 @@ Three measurements, all on one ``kv_cache`` (ALiBi) model, timed where a client 
 
 1. throughput — aggregate generated tokens/s with 1, 4 and 16 concurrent streams;
 2. context — inter-token latency (ITL) of one stream whose context is 256 vs 4096 tokens;
-3. interference — 8 streams decoding while a long prompt arrives: their ITL p50/p99 before
-   it and during its prefill, with chunked prefill (``settings.prefill_chunk_tokens``) and with
+3. interference — 8 streams decoding while a long prompt (16K tokens) arrives: their ITL
+   p50/p99 before it and during its chunked prefill (``settings.prefill_chunk_tokens``); and,
+   at a shorter prompt that an unchunked prefill can still hold in memory, chunked against
    prefill in one piece, which shows what chunking buys the running streams.
+
+``--context-limit N`` lifts the manifest's ``max_context`` to N in memory for this run only: an
+ALiBi graph has no position table and runs at any length, and this benchmark measures time, not
+the quality the exporter's extrapolation sweep verified ``max_context`` for.
 
 Prompts are random token ids (exact lengths, no tokenizer effects), decoding is greedy. A
 measurement whose context does not fit the model's ``max_context`` is reported as skipped.
@@ -25,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine_info, percentile, write_json
+from benchmarks.common import RESULTS, ROOT, machine_info, percentile, write_json
 from model_store import ModelRepository
 from service.engine.generation import GenerationEngine, GenerationStream
 from service.engine.models import LoadedModel, load_model
@@ -53,15 +60,20 @@ class Plan:
     concurrencies: tuple[int, ...] = (1, 4, 16)
     throughput_prompt: int = 128
     throughput_new: int = 128
-    contexts: tuple[int, ...] = (256, 4096)
+    contexts: tuple[int, ...] = (256, 1024, 4096, 16384)
     context_new: int = 64
     streams: int = 8
     stream_prompt: int = 64
-    long_prompt: int = 4096
+    long_prompt: int = 16384
+    # Unchunked prefill materialises (heads × n × n) scores per layer: 4096 tokens is ~0.3 GB,
+    # 16K would be ~4 GB per tensor, so the chunked-vs-one-piece comparison runs at this length.
+    compare_prompt: int = 4096
     prefill_chunk: int = 512
 
 
-QUICK = Plan(throughput_new=32, context_new=16, long_prompt=2048)
+QUICK = Plan(
+    throughput_new=32, contexts=(256, 2048), context_new=16, long_prompt=2048, compare_prompt=1024
+)
 
 
 @dataclass
@@ -166,11 +178,13 @@ class Bench:
         return rows
 
     async def interference(self, plan: Plan) -> list[dict[str, Any]]:
-        rows = []
         long_prompt = min(plan.long_prompt, self.max_context - 1)
-        for label, chunk in (("chunked", plan.prefill_chunk), ("one piece", long_prompt)):
-            rows.append(await self._interference(plan, label, chunk, long_prompt))
-        return rows
+        compare = min(plan.compare_prompt, long_prompt)
+        runs = [("chunked", plan.prefill_chunk, long_prompt)]
+        if compare != long_prompt:
+            runs.append(("chunked", plan.prefill_chunk, compare))
+        runs.append(("one piece", compare, compare))
+        return [await self._interference(plan, *run) for run in runs]
 
     async def _interference(
         self, plan: Plan, label: str, chunk: int, long_prompt: int
@@ -257,12 +271,63 @@ def print_tables(results: dict[str, Any]) -> None:
         )
 
 
+def context_limit(plan: Plan) -> int:
+    """The longest context a plan serves: its longest prompt plus the tokens generated on it."""
+    return max(plan.long_prompt + 1, max(plan.contexts) + plan.context_new)
+
+
+def section(
+    quick: bool, threads: int, workdir: Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``make bench``'s engine section: the ALiBi demo model, exported fp32 ONNX into a scratch
+    store (``checkpoints/alibi`` from ``make models`` when present, else trained here, ~2 min)."""
+    from exporters.export import ExportRequest, export
+    from exporters.training import train
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = ROOT / "checkpoints" / "alibi"
+    if not (checkpoint / "model.safetensors").is_file():
+        checkpoint = workdir / "checkpoint"
+        if not (checkpoint / "model.safetensors").is_file():
+            log("  training the ALiBi demo model (python -m exporters train --preset demo)")
+            train("alibi", "demo", checkpoint, progress=False)
+    store = workdir / "store"
+    shutil.rmtree(store / "alibi-demo", ignore_errors=True)
+    started = time.perf_counter()
+    exported = export(
+        ExportRequest(
+            checkpoint=checkpoint, store=store, name="alibi-demo", format="onnx", progress=False
+        )
+    )
+    log(f"  exported {checkpoint} in {time.perf_counter() - started:.0f} s: {exported.summary()}")
+    plan = QUICK if quick else Plan()
+    args = argparse.Namespace(
+        store=store,
+        model="alibi-demo",
+        version=None,
+        threads=threads,
+        seed=0,
+        quick=quick,
+        context_limit=context_limit(plan),
+    )
+    results = asyncio.run(run(args))
+    shown = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
+    results["checkpoint"] = str(shown)
+    results["parity"] = exported.report.summary()
+    return results
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     settings = Settings(store=args.store, intra_op_threads=args.threads, warmup=True)
     model = load_model(ModelRepository(args.store), args.model, args.version, settings)
     if model.manifest.signature.generation_mode != "kv_cache":
         raise SystemExit(f"{args.model} is not a kv_cache decoder; this benchmark needs one")
+    verified_context = model.manifest.max_context
+    if args.context_limit is not None:
+        if model.manifest.architecture != "alibi":
+            raise SystemExit("--context-limit is for ALiBi models (no position table)")
+        model.manifest = model.manifest.model_copy(update={"max_context": args.context_limit})
     bench = Bench(model, settings, args.seed)
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -273,6 +338,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "precision": model.manifest.precision,
             "provider": model.backend.provider,
             "max_context": model.manifest.max_context,
+            "verified_max_context": verified_context,
             "config": model.manifest.config,
         },
         "plan": plan.__dict__,
@@ -297,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument("--seed", type=int, default=0, help="prompt token ids")
     parser.add_argument("--quick", action="store_true", help="fewer tokens, shorter long prompt")
+    parser.add_argument(
+        "--context-limit",
+        type=int,
+        default=None,
+        help="ALiBi only: serve up to this many tokens in this run (default: manifest max_context)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "generation.json")
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
