@@ -36,6 +36,7 @@ from exporters.runtime import OnnxRunner, Runner, TorchScriptRunner
 from model_store import Manifest, ModelRepository, ModelVersion
 from model_store.manifest import (
     NEW_ENTRIES_OUTPUT,
+    PAST_INPUT_PREFIX,
     UNASSIGNED_VERSION,
     CacheLayout,
     ExtrapolationReport,
@@ -146,17 +147,24 @@ def _example(spec: GraphSpec, config: Any) -> tuple[torch.Tensor, ...]:
     ids = torch.randint(4, config.vocab_size, (2, 8))
     if spec.mode != "kv_cache":
         return ids, torch.ones_like(ids)
-    layers, _, _, heads, _, head_dim = spec.inputs[2][2]
-    past = torch.zeros(layers, 2, 2, heads, 3, head_dim)
-    return ids, torch.ones(2, 11, dtype=torch.long), past
+    # One (2, heads, 3, head_dim) tensor per past input; distinct tensors, so the trace cannot
+    # tie the inputs together.
+    past = tuple(torch.zeros(2, heads, 3, head_dim) for _, heads, _, head_dim in _past_shapes(spec))
+    return ids, torch.ones(2, 11, dtype=torch.long), *past
+
+
+def _past_shapes(spec: GraphSpec) -> list[tuple[str | int, ...]]:
+    """Shapes of the per-layer past inputs (everything after input_ids and attention_mask)."""
+    return [shape for _, _, shape in spec.inputs[2:]]
 
 
 def _signature(spec: GraphSpec, dtype: str) -> GraphSignature:
     cache = None
     if spec.mode == "kv_cache":
-        layers, _, _, heads, _, head_dim = spec.inputs[2][2]
+        layers, _, _, heads, _, head_dim = spec.outputs[1][2]
         cache = CacheLayout(
-            input="past_key_values",
+            input=PAST_INPUT_PREFIX,
+            inputs=spec.input_names[2:],
             output=NEW_ENTRIES_OUTPUT,
             layout=["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
             n_layers=int(layers),

@@ -23,18 +23,26 @@ class FrozenAxisError(ExportError):
     """An axis declared dynamic came out of the exporter with a fixed size."""
 
 
-def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, object]]:
+def _dynamic_shapes(spec: GraphSpec) -> tuple[object, ...]:
     """Every named axis dynamic; torch.export infers the relations between them.
+
+    Positional, shaped like the wrapper's parameters: a ``kv_cache`` graph takes its per-layer
+    past inputs as ``*past_key_values`` (their number depends on the model), which torch.export
+    sees as ONE tuple argument with no per-input names to key a dict by. The ONNX input names
+    come from ``input_names``, in the same flattened order.
 
     Explicit named Dims fail on real relations in these models: Linformer's n_max check bounds
     the sequence, Reformer pads to a multiple of the chunk length (a derived size), ALiBi's mask
     is past + sequence long. ``Dim.DYNAMIC`` lets the exporter derive those ranges itself; the
     result is then checked by :func:`check_dynamic_axes` and by parity at several lengths.
     """
-    return {
-        name: {i: torch.export.Dim.DYNAMIC for i, axis in enumerate(shape) if isinstance(axis, str)}
-        for name, _, shape in spec.inputs
-    }
+    shapes = [
+        {i: torch.export.Dim.DYNAMIC for i, axis in enumerate(shape) if isinstance(axis, str)}
+        for _, _, shape in spec.inputs
+    ]
+    if spec.mode == "kv_cache":  # (input_ids, attention_mask, *past_key_values)
+        return (*shapes[:2], tuple(shapes[2:]))
+    return tuple(shapes)
 
 
 def export_onnx(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model_store import PAST_INPUT_PREFIX, past_input_names
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -42,13 +44,16 @@ class SequenceGraph(nn.Module):
 
 
 class KVCacheGraph(nn.Module):
-    """(input_ids, attention_mask, past_key_values) -> (logits, new_key_values).
+    """(input_ids, attention_mask, past_key_values.0.key, past_key_values.0.value, ...) ->
+    (logits, new_key_values).
 
-    The cache crosses the graph boundary as float32: (layers, 2, batch, heads, past, head_dim)
-    in, and out only the t new tokens' entries (layers, 2, batch, heads, t, head_dim). The
-    caller keeps the cache and writes the new entries where it wants them, so a decode step
-    copies nothing of the past's size (docs/decisions.md). Reduced-precision models cast the
-    cache in and out so one cache layout serves every precision.
+    The past crosses the graph boundary as one float32 (batch, heads, past, head_dim) input per
+    layer and per key/value, and only the t new tokens' entries come out, stacked
+    (layers, 2, batch, heads, t, head_dim). Per-layer inputs because ONNX Runtime has no views:
+    indexing one stacked past input per layer became Split ops that copied the whole cache every
+    step (docs/decisions.md, "one past input per layer"). The caller keeps the cache and passes
+    views of it. Reduced-precision models cast each past input in and the new entries out so
+    one cache layout serves every precision.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -57,11 +62,14 @@ class KVCacheGraph(nn.Module):
         self.dtype = dtype
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, *past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
-        logits, new = self.model.forward_step(  # type: ignore[operator]
-            input_ids, attention_mask, past_key_values.to(self.dtype)
-        )
+        # Pairs (key, value) per layer; .to() of an fp32 model is the identity, not a copy.
+        past = [
+            (past_key_values[i].to(self.dtype), past_key_values[i + 1].to(self.dtype))
+            for i in range(0, len(past_key_values), 2)
+        ]
+        logits, new = self.model.forward_step(input_ids, attention_mask, past)  # type: ignore[operator]
         return logits.float(), new.float()
 
 
@@ -85,11 +93,13 @@ def graph_spec(task: str, config: object) -> GraphSpec:
     layers, heads = config.n_layers, config.n_heads  # type: ignore[attr-defined]
     # head_dim where a config has one (a Reformer's attn_head_dim may differ from d_model / h)
     head_dim = getattr(config, "head_dim", config.d_model // heads)  # type: ignore[attr-defined]
-    past = ("past_key_values", "float32", (layers, 2, "batch", heads, "past_sequence", head_dim))
+    layer_shape = ("batch", heads, "past_sequence", head_dim)
+    names = past_input_names(PAST_INPUT_PREFIX, layers)
+    past = tuple((name, "float32", layer_shape) for name in names)
     # Only the new tokens' entries: the caller owns the cache (docs/contracts.md).
     new = ("new_key_values", "float32", (layers, 2, "batch", heads, "sequence", head_dim))
     mask = ("attention_mask", "int64", ("batch", "total_sequence"))
-    return GraphSpec("kv_cache", (ids, mask, past), (logits, new))
+    return GraphSpec("kv_cache", (ids, mask, *past), (logits, new))
 
 
 def _has_kv_cache(config: object) -> bool:

@@ -126,32 +126,35 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
         if spec.mode != "kv_cache":
             cases.append(Case(name, {"input_ids": ids, "attention_mask": mask}, mask))
             continue
-        layers, _, _, heads, _, head_dim = spec.inputs[2][2]
+        layers, _, _, heads, _, head_dim = spec.outputs[1][2]
         empty = np.zeros((layers, 2, len(row_lengths), heads, 0, head_dim), dtype=np.float32)
-        cases.append(
-            Case(
-                f"{name}-prefill",
-                {"input_ids": ids, "attention_mask": mask, "past_key_values": empty},
-                mask,
-                mask,
-            )
-        )
-        cases.append(
-            Case(
-                f"{name}-decode",
-                {"input_ids": ids, "attention_mask": mask, "past_key_values": empty},
-                mask,
-                mask,
-            )
-        )
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            **past_inputs(empty, spec.input_names[2:]),
+        }
+        cases.append(Case(f"{name}-prefill", inputs, mask, mask))
+        cases.append(Case(f"{name}-decode", dict(inputs), mask, mask))
     return cases
+
+
+def past_inputs(cache: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """A stacked cache (L, 2, b, h, P, e) as a graph's per-layer past inputs ``names`` (the
+    spec's inputs after input_ids and attention_mask, or a manifest's ``cache.inputs``), in
+    graph order: ``past_key_values.{l}.key`` = cache[l, 0], ``.value`` = cache[l, 1] (views)."""
+    layers = cache.shape[0]
+    if len(names) != 2 * layers:
+        raise ValueError(f"{len(names)} past inputs for a cache of {layers} layers")
+    return {name: cache[i // 2, i % 2] for i, name in enumerate(names)}
 
 
 def _as_torch(inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(v) for v in inputs.values()]
 
 
-def _prepare_decode(reference: nn.Module, case: Case, vocab: int, gen: np.random.Generator) -> Case:
+def _prepare_decode(
+    reference: nn.Module, spec: GraphSpec, case: Case, vocab: int, gen: np.random.Generator
+) -> Case:
     """Turn a '-decode' case into one new token on top of the eager model's prefill cache.
 
     The cache is laid out as the service's decode batch holds it (service/engine/kv_cache.py):
@@ -172,7 +175,7 @@ def _prepare_decode(reference: nn.Module, case: Case, vocab: int, gen: np.random
     ids = _ids(gen, vocab, batch, 1)
     ones = np.ones((batch, 1), dtype=np.int64)
     mask = np.concatenate([past_mask, ones], axis=1)
-    inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": past}
+    inputs = {"input_ids": ids, "attention_mask": mask, **past_inputs(past, spec.input_names[2:])}
     return Case(case.name, inputs, ones, ones)
 
 
@@ -214,7 +217,7 @@ def run_parity(
     gen = np.random.default_rng(1)
     for case in tqdm(build_cases(spec, config, lengths), desc="parity", disable=not progress):
         if case.name.endswith("-decode"):
-            case = _prepare_decode(reference, case, config.vocab_size, gen)  # type: ignore[attr-defined]
+            case = _prepare_decode(reference, spec, case, config.vocab_size, gen)  # type: ignore[attr-defined]
         with torch.no_grad():
             expected = [t.numpy() for t in reference(*_as_torch(case.inputs))]
         got = runner.run(case.inputs)

@@ -15,6 +15,7 @@ from model_store.errors import (
 from model_store.manifest import (
     MANIFEST_FILE,
     NEW_ENTRIES_OUTPUT,
+    PAST_INPUT_PREFIX,
     SCHEMA_VERSION,
     UNASSIGNED_VERSION,
     CacheLayout,
@@ -26,6 +27,7 @@ from model_store.manifest import (
     ParityReport,
     Provenance,
     TensorSpec,
+    past_input_names,
 )
 from model_store.repository import (
     FileMismatch,
@@ -38,6 +40,7 @@ from model_store.repository import (
 __all__ = [
     "MANIFEST_FILE",
     "NEW_ENTRIES_OUTPUT",
+    "PAST_INPUT_PREFIX",
     "SCHEMA_VERSION",
     "UNASSIGNED_VERSION",
     "CacheLayout",
@@ -60,5 +63,6 @@ __all__ = [
     "VerificationResult",
     "VersionExistsError",
     "VersionNotFoundError",
+    "past_input_names",
     "sha256_file",
 ]

@@ -109,13 +109,34 @@ class TensorSpec(_Frozen):
 # their manifests still parse (the store keeps what it published), but a server must not run
 # them as if they followed the new contract: see CacheLayout.stale_contract.
 NEW_ENTRIES_OUTPUT = "new_key_values"
+# The past goes in as one input per layer and per key/value, named as Hugging Face Optimum
+# names them; one stacked past input made ONNX Runtime copy the whole cache every step.
+PAST_INPUT_PREFIX = "past_key_values"
+
+
+def past_input_names(prefix: str, n_layers: int) -> list[str]:
+    """The 2L past inputs, layer-major, key before value: ``{prefix}.{l}.key``,
+    ``{prefix}.{l}.value`` (docs/contracts.md)."""
+    return [f"{prefix}.{layer}.{kv}" for layer in range(n_layers) for kv in ("key", "value")]
 
 
 class CacheLayout(_Frozen):
-    """The stacked KV cache of a ``kv_cache`` decoder: the past cache in (layers, 2, batch,
-    heads, past_sequence, head_dim), only the new tokens' entries out (..., sequence, ...)."""
+    """The KV cache of a ``kv_cache`` decoder: the past in as one (batch, heads, past_sequence,
+    head_dim) input per layer and per key/value (``inputs``), only the new tokens' entries out,
+    stacked (layers, 2, batch, heads, sequence, head_dim) (``output``). ``layout`` names the
+    axes of the cache as a whole (the output, and the buffer a server keeps): past input
+    ``inputs[2 l + kv]`` is its slice ``[l, kv]``."""
 
-    input: str = Field(min_length=1, description="graph input name, e.g. past_key_values")
+    input: str = Field(
+        min_length=1,
+        description="the past's name: prefix of the per-layer inputs, e.g. past_key_values",
+    )
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="per-layer past inputs, layer-major, key before value: "
+        "past_key_values.{l}.key, past_key_values.{l}.value (past_input_names); empty in "
+        "manifests of graphs exported with one stacked past input (refused: stale_contract)",
+    )
     output: str = Field(
         min_length=1,
         description="graph output holding only the new tokens' entries: new_key_values",
@@ -134,20 +155,40 @@ class CacheLayout(_Frozen):
     def _known_dtype(cls, value: str) -> str:
         return TensorSpec._known_dtype(value)
 
+    @model_validator(mode="after")
+    def _one_input_per_layer_and_kv(self) -> Self:
+        expected = past_input_names(self.input, self.n_layers)
+        if self.inputs and self.inputs != expected:
+            raise ValueError(
+                f"past inputs {self.inputs} for {self.n_layers} layers: expected one key and "
+                f"one value input per layer, named {expected}"
+            )
+        return self
+
     def stale_contract(self) -> str | None:
         """Why a graph exported under an older cache contract cannot be served, or None.
 
-        The old graphs returned the whole present cache (past + new) instead of the new entries
-        alone; a server reading that output as new entries would corrupt every cache, so such
-        versions are refused at load and rebuilt by re-exporting their checkpoint.
+        The first graphs returned the whole present cache (past + new) instead of the new
+        entries alone; a server reading that output as new entries would corrupt every cache.
+        The next ones took the past as ONE stacked input, which ONNX Runtime copied whole every
+        step, and a server passing per-layer inputs cannot feed them. Both are refused at load
+        and rebuilt by re-exporting their checkpoint.
         """
-        if self.output == NEW_ENTRIES_OUTPUT:
-            return None
-        return (
-            f"its kv_cache graph returns {self.output!r} (exported under the old contract that "
-            f"returned the whole cache); this version of Longhaul needs graphs whose cache "
-            f"output is {NEW_ENTRIES_OUTPUT!r}, the new tokens' entries only (docs/contracts.md)"
-        )
+        if self.output != NEW_ENTRIES_OUTPUT:
+            return (
+                f"its kv_cache graph returns {self.output!r} (exported under the old contract "
+                f"that returned the whole cache); this version of Longhaul needs graphs whose "
+                f"cache output is {NEW_ENTRIES_OUTPUT!r}, the new tokens' entries only, and "
+                f"one past input per layer and per key/value (docs/contracts.md)"
+            )
+        if not self.inputs:
+            return (
+                f"its kv_cache graph takes the whole past as one input {self.input!r} (exported "
+                f"under the old contract with a stacked past); this version of Longhaul needs "
+                f"one past input per layer and per key/value ({self.input}.0.key, "
+                f"{self.input}.0.value, ...) (docs/contracts.md)"
+            )
+        return None
 
 
 class GraphSignature(_Frozen):
@@ -170,8 +211,12 @@ class GraphSignature(_Frozen):
                 raise ValueError(
                     "a cache layout is only meaningful with generation_mode 'kv_cache'"
                 )
-            if self.cache.input not in {spec.name for spec in self.inputs}:
-                raise ValueError(f"cache input {self.cache.input!r} is not a graph input")
+            graph_inputs = {spec.name for spec in self.inputs}
+            # A stale manifest (one stacked past input) still parses; stale_contract refuses it.
+            past = self.cache.inputs or [self.cache.input]
+            missing = [name for name in past if name not in graph_inputs]
+            if missing:
+                raise ValueError(f"cache inputs {missing} are not graph inputs")
             if self.cache.output not in {spec.name for spec in self.outputs}:
                 raise ValueError(f"cache output {self.cache.output!r} is not a graph output")
         return self

@@ -7,11 +7,12 @@ runs past the length it was trained on.
 Shape legend (see common.py): b batch, t new tokens, s keys (past + new), h heads, e head width,
 d model width, v vocabulary, L layers.
 
-Decoding keeps one stacked KV cache (L, 2, b, h, s, e). ``forward_step`` is what the exporter
-turns into the ``kv_cache`` graph: it reads the past cache and returns only the new tokens'
-entries, and attention scores the past and the new keys separately instead of concatenating the
-caches, so a decode step copies nothing of size s (docs/decisions.md, "kv-cache graphs return
-only the new entries"). ``forward_cached`` is the same step returning the whole present cache,
+``forward_step`` is what the exporter turns into the ``kv_cache`` graph: it reads the past as one
+(key, value) pair of (b, h, s, e) tensors per layer and returns only the new tokens' entries
+(L, 2, b, h, t, e), and attention scores the past and the new keys separately instead of
+concatenating the caches, so a decode step copies nothing of size s (docs/decisions.md,
+"kv-cache graphs return only the new entries", "one past input per layer"). ``forward_cached``
+is the same step on one stacked cache (L, 2, b, h, s, e), returning the whole present cache,
 for eager callers. Everything on that path is export-safe: no ``.item()``, no branch on tensor
 values, every index built from an ``arange`` or ``cumsum`` of shapes.
 
@@ -22,6 +23,7 @@ shift no distance between real tokens, and padded keys are masked before the sof
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -41,6 +43,14 @@ from exporters.architectures.common import (
 )
 
 SlopeRule = Literal["paper", "mpt"]
+# One layer's past cache: (key, value), each (b, h, P, e). Kept apart per layer (not one stacked
+# tensor) so a graph runtime without views (ONNX Runtime) need not split, i.e. copy, the cache.
+LayerCache = tuple[Tensor, Tensor]
+
+
+def layer_caches(past_key_values: Tensor) -> list[LayerCache]:
+    """A stacked cache (L, 2, b, h, P, e) as per-layer (key, value) views (no copy)."""
+    return [(layer[0], layer[1]) for layer in past_key_values.unbind(0)]
 
 
 def alibi_slopes(n_heads: int, bias_max: float = 8.0, rule: SlopeRule = "paper") -> Tensor:
@@ -232,9 +242,9 @@ class AlibiSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x: Tensor, bias: SplitBias, past_kv: Tensor) -> tuple[Tensor, Tensor]:
-        """x (b, t, d), past_kv (2, b, h, P, e) -> (b, t, d), new_kv (2, b, h, t, e): the new
-        tokens' keys and values only; the past is read, never copied."""
+    def forward(self, x: Tensor, bias: SplitBias, past_kv: LayerCache) -> tuple[Tensor, Tensor]:
+        """x (b, t, d), past_kv (key, value) each (b, h, P, e) -> (b, t, d), new_kv
+        (2, b, h, t, e): the new tokens' keys and values only; the past is read, never copied."""
         qkv = self.qkv(x)  # (b, t, 3d)
         if self.clip_qkv is not None:  # config switch, not a tensor value: export-safe
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
@@ -260,7 +270,7 @@ class AlibiBlock(nn.Module):
         self.ff = FeedForward(config.d_model, config.d_ff, config.activation, bias)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, bias: SplitBias, past_kv: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bias: SplitBias, past_kv: LayerCache) -> tuple[Tensor, Tensor]:
         a, new_kv = self.attn(self.ln_attn(x), bias, past_kv)
         x = x + self.drop(a)
         x = x + self.drop(self.ff(self.ln_ff(x)))
@@ -289,14 +299,14 @@ class AlibiLM(nn.Module):
         )
 
     def _decode(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
     ) -> tuple[Tensor, Tensor]:
         """Shared body -> (hidden (b, t, d), new entries (L, 2, b, h, t, e))."""
         # Positions count real tokens only, so pads anywhere (left padding, a short chunk of a
         # row in a mixed batch, or free slots of a preallocated cache between a row's tokens and
         # its new one) never change the distances i − j between real tokens. Pad slots get a
         # repeated position but are masked as keys and their outputs are unused.
-        past = past_key_values.shape[-2]
+        past = past_key_values[0][0].shape[-2]
         key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
         query_positions = key_positions[:, past:]  # (b, t)
         c = self.config
@@ -320,19 +330,20 @@ class AlibiLM(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""
         past = self.empty_cache(input_ids.shape[0], self.embed.weight.dtype, input_ids.device)
-        hidden, _ = self._decode(input_ids, attention_mask, past)
+        hidden, _ = self._decode(input_ids, attention_mask, layer_caches(past))
         return self.head(hidden), hidden
 
     def forward_step(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
     ) -> tuple[Tensor, Tensor]:
         """One prefill, chunk or decode step, returning only the new tokens' cache entries (what
         the ``kv_cache`` graph exports).
 
         input_ids (b, t) int64; attention_mask (b, P + t) int64 over the cached and the new
-        tokens, 0 at padding slots, which may sit anywhere in the past; past_key_values
-        (L, 2, b, h, P, e), P may be 0. Returns logits (b, t, v) and new_key_values
-        (L, 2, b, h, t, e): the caller appends them to its cache wherever it keeps the tokens.
+        tokens, 0 at padding slots, which may sit anywhere in the past; past_key_values one
+        (key, value) pair per layer, each (b, h, P, e), P may be 0. Returns logits (b, t, v)
+        and new_key_values (L, 2, b, h, t, e): the caller appends them to its cache wherever
+        it keeps the tokens.
         """
         hidden, new = self._decode(input_ids, attention_mask, past_key_values)
         return self.head(hidden), new
@@ -341,6 +352,7 @@ class AlibiLM(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward_step` returning the whole present cache (L, 2, b, h, P + t, e): the
-        past followed by the new entries. For eager callers; graphs export ``forward_step``."""
-        logits, new = self.forward_step(input_ids, attention_mask, past_key_values)
+        past followed by the new entries, from one stacked past (L, 2, b, h, P, e). For eager
+        callers; graphs export ``forward_step``."""
+        logits, new = self.forward_step(input_ids, attention_mask, layer_caches(past_key_values))
         return logits, torch.cat([past_key_values, new], dim=4)

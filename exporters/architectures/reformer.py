@@ -18,8 +18,9 @@ independent of the length it was padded to in a batch.
 
 Incremental decoding (causal native models, ``ReformerModel.supports_kv_cache``): the causal
 rule makes a token's output a function of earlier tokens only, so ``forward_step`` reads each
-layer's cached qk vectors and values (ALiBi's cache layout) and returns the new tokens' entries,
-and ``lsh_attention_cached`` applies the same rule to the new tokens without sorting; it equals
+layer's cached qk vectors and values (ALiBi's cache layout: one (qk, v) pair per layer) and
+returns the new tokens' entries, and ``lsh_attention_cached`` applies the same rule to the new
+tokens without sorting; it equals
 ``forward`` up to float rounding. Padding slots may sit anywhere in the past (positions and
 bucket ranks count real tokens only); ``forward_cached`` returns the whole present cache.
 
@@ -51,6 +52,7 @@ at lengths other than the export length (not multiples of c, and 4096+) and matc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exporters.architectures.alibi import LayerCache, layer_caches
 from exporters.architectures.common import (
     SPECIAL_TOKENS,
     Activation,
@@ -506,9 +509,9 @@ class LSHSelfAttention(nn.Module):
         )
         return self.out(y.transpose(1, 2).flatten(2))  # (b, h, t, e) -> (b, t, d)
 
-    def forward_step(self, x: Tensor, key_mask: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_step(self, x: Tensor, key_mask: Tensor, past: LayerCache) -> tuple[Tensor, Tensor]:
         """Causal native models only: x (b, t, d) new tokens, key_mask (b, s) bool over the
-        cached + new tokens (padding anywhere in the past), past (2, b, h, s − t, e) = [qk, v]
+        cached + new tokens (padding anywhere in the past), past (qk, v), each (b, h, s − t, e),
         of the cached slots -> (b, t, d), new (2, b, h, t, e): [qk, v] of the new tokens.
         Buckets are recomputed from the cached qk (the rotations are fixed), so qk and v are all
         a layer needs to keep. The caches are concatenated here: the bucket ranks read every
@@ -599,12 +602,12 @@ class ReversibleBlock(nn.Module):
         return y1, y2
 
     def forward_step(
-        self, x1: Tensor, x2: Tensor, key_mask: Tensor, past: Tensor
+        self, x1: Tensor, x2: Tensor, key_mask: Tensor, past: LayerCache
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``forward`` for t new tokens (LSH layers of causal native models): x1, x2 (b, t, d),
-        key_mask (b, s) bool, past (2, b, h, s − t, e) -> y1, y2 (b, t, d), the new tokens'
-        entries (2, b, h, t, e). F reads only x2, which for a new token depends on nothing but
-        its own streams, so caching F's qk and v of every earlier token is enough."""
+        key_mask (b, s) bool, past (qk, v) each (b, h, s − t, e) -> y1, y2 (b, t, d), the new
+        tokens' entries (2, b, h, t, e). F reads only x2, which for a new token depends on
+        nothing but its own streams, so caching F's qk and v of every earlier token is enough."""
         a, new = self.attn.forward_step(x2, key_mask, past)  # type: ignore[operator]
         y1 = x1 + a
         y2 = x2 + self.ff(y1)
@@ -726,7 +729,7 @@ class ReformerModel(nn.Module):
         )
 
     def forward_step(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
     ) -> tuple[Tensor, Tensor]:
         """One prefill, chunk or decode step, equal to ``forward`` on the whole sequence up to
         float rounding (docs/decisions.md, "Reformer incremental decoding"), returning only the
@@ -735,8 +738,8 @@ class ReformerModel(nn.Module):
         input_ids (b, t) int64; attention_mask (b, s + t) int64 over the cached and the new
         tokens, 0 at padding slots, which may sit anywhere in the past (real tokens, free slots,
         then the new token: positions and bucket ranks count real tokens only, and padded keys
-        are never visible); past_key_values (L, 2, b, h, s, e), s may be 0, [:, 0] the qk
-        vectors (before normalisation) and [:, 1] the values of each LSH layer. Returns logits
+        are never visible); past_key_values one (qk, v) pair per layer, each (b, h, s, e), s may
+        be 0: the qk vectors (before normalisation) and the values of each LSH layer. Returns logits
         (b, t, v) and new_key_values (L, 2, b, h, t, e). No padding to a chunk multiple: the
         masks of :func:`lsh_attention_cached` replace the chunks.
         """
@@ -749,7 +752,7 @@ class ReformerModel(nn.Module):
             )
         # Positions count real tokens only, as in forward: padding slots do not shift them.
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (b, s + t)
-        positions = positions[:, past_key_values.shape[-2] :]  # (b, t)
+        positions = positions[:, past_key_values[0][0].shape[-2] :]  # (b, t)
         x = self.embed(input_ids) + self._positions(positions, total)  # (b, t, d)
         key_mask = attention_mask.bool()  # (b, s + t)
         x1, x2 = x, x
@@ -766,6 +769,7 @@ class ReformerModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`forward_step` returning the whole present cache (L, 2, b, h, s + t, e): the
-        past followed by the new entries. For eager callers; graphs export ``forward_step``."""
-        logits, new = self.forward_step(input_ids, attention_mask, past_key_values)
+        past followed by the new entries, from one stacked past (L, 2, b, h, s, e). For eager
+        callers; graphs export ``forward_step``."""
+        logits, new = self.forward_step(input_ids, attention_mask, layer_caches(past_key_values))
         return logits, torch.cat([past_key_values, new], dim=4)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import Backend, BackendError
+from model_store import CacheLayout
+from service.backends.base import Backend, BackendError, per_layer_feed
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,14 @@ def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
 
 
 class OnnxBackend(Backend):
-    def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        cache: CacheLayout | None = None,
+    ) -> None:
+        self.cache = cache  # a kv_cache graph's layout: the past may be passed stacked
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
@@ -57,6 +65,7 @@ class OnnxBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = per_layer_feed(inputs, self.cache)
         feed = {name: inputs[name] for name in self.input_names}
         outputs = self.session.run(self.output_names, feed)
         return {

@@ -1,20 +1,24 @@
 """KV caches of ``kv_cache`` decoders: byte accounting and the preallocated decode batch.
 
 Shape legend: L layers, b batch rows, h heads, C allocated slots per row, n one sequence's real
-length, e head width. The exported graph takes ONE float32 past cache (L, 2, b, h, P, e) and
-returns only the new tokens' entries (L, 2, b, h, t, e) (docs/contracts.md), so the engine owns
-the cache. The running sequences' caches live in one preallocated buffer (L, 2, b, h, C, e) in
-which every row's real tokens are LEFT-aligned in slots [0, n_r) and the slots after them are
-free (zeros, ``attention_mask`` 0):
+length, e head width. The exported graph takes the float32 past as one (b, h, P, e) input per
+layer and per key/value (``past_key_values.{l}.key`` / ``.value``) and returns only the new
+tokens' entries (L, 2, b, h, t, e) (docs/contracts.md), so the engine owns the cache. The
+running sequences' caches live in one preallocated buffer (L, 2, b, h, C, e) in which every
+row's real tokens are LEFT-aligned in slots [0, n_r) and the slots after them are free (zeros,
+``attention_mask`` 0):
 
     row 0:  [k k k 0 0 0 0 0]      mask [1 1 1 0 0 0 0 0 | 1]
     row 1:  [k k k k k k 0 0]      mask [1 1 1 1 1 1 0 0 | 1]
                                                the new token ^
 
-A decode step passes the whole buffer, its mask and a 1 for the new token; the graph returns one
-entry per row, written in place at slot n_r. Nothing of size C is copied per token: before, the
-graph returned the whole present cache, which the engine adopted every step, and building it
-cost several copies of the cache inside the graph (docs/decisions.md).
+A decode step passes the whole buffer as per-layer views ``buffer[l, 0]``, ``buffer[l, 1]``
+(each one contiguous block, read in place by ONNX Runtime and torch), its mask and a 1 for the
+new token; the graph returns one entry per row, written in place at slot n_r. Nothing of size C
+is copied per token: before, the graph returned the whole present cache, which the engine
+adopted every step, and building it cost several copies of the cache inside the graph; then a
+single stacked past input made ONNX Runtime split (copy) it into layers every step
+(docs/decisions.md).
 
 This is sound because both models derive positions from the mask (``positions = cumsum(mask) -
 1``): the free slots between a row's tokens and its new token shift neither ALiBi's distances
@@ -30,9 +34,9 @@ true. Joining and leaving rows reallocate too (b changes); leaving also shrinks 
 rows are gone.
 
 Memory is bounded on what is really allocated: rows × C × bytes per token (``nbytes``). Growth
-briefly holds the old buffer next to the new one, and a runtime may copy the past inside the
-graph (ONNX Runtime splits the one input into layers and keys/values); the budget
-(``settings.kv_cache_bytes``) bounds the resident cache, not those transients.
+briefly holds the old buffer next to the new one, and attention transposes one layer's keys at a
+time inside the graph; the budget (``settings.kv_cache_bytes``) bounds the resident cache, not
+those transients.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_store.manifest import CacheLayout
+from service.backends.base import past_inputs
 
 FLOAT32_BYTES = 4
 # Growth policy of the decode buffer: room for 1/16 more tokens than needed, in whole blocks of
@@ -109,6 +114,21 @@ class KVBudget:
     def fits_alone(self, length: int) -> bool:
         """False means the request can never run, however long it waits."""
         return self.fits([length])
+
+
+def prefill_inputs(
+    tokens: Sequence[int], cache: np.ndarray, cache_input: str
+) -> dict[str, np.ndarray]:
+    """Graph inputs for one prefill chunk of one sequence: ``tokens`` (t new prompt tokens) on
+    top of its cache so far, ``cache`` (L, 2, 1, h, n, e) with n = 0 for the first chunk, every
+    slot real. The past goes in per layer as views of ``cache`` (``cache_input`` is the
+    layout's ``input``, the names' prefix), as in :meth:`DecodeBatch.inputs`."""
+    total = int(cache.shape[4]) + len(tokens)
+    return {
+        "input_ids": np.asarray([tokens], np.int64),
+        "attention_mask": np.ones((1, total), np.int64),
+        **past_inputs(cache, cache_input),
+    }
 
 
 class DecodeBatch:
@@ -184,14 +204,16 @@ class DecodeBatch:
 
     def inputs(self, tokens: Sequence[int], cache_input: str) -> dict[str, np.ndarray]:
         """Graph inputs for one decode step: each row's next token (in row order), the whole
-        buffer as the past, and its mask followed by a 1 for the new token."""
+        buffer as the past, per layer (``cache_input`` is the layout's ``input``, the names'
+        prefix: views ``{cache_input}.{l}.key`` = buffer[l, 0], no copy), and its mask
+        followed by a 1 for the new token."""
         if len(tokens) != len(self.ids):
             raise ValueError(f"{len(tokens)} tokens for a batch of {len(self.ids)} rows")
         b = len(self.ids)
         return {
             "input_ids": np.asarray(tokens, np.int64).reshape(b, 1),
             "attention_mask": np.concatenate([self.mask, np.ones((b, 1), np.int64)], axis=1),
-            cache_input: self.cache,
+            **past_inputs(self.cache, cache_input),
         }
 
     def advance(self, new: np.ndarray) -> None:

@@ -70,8 +70,9 @@ def check_contract(resolved: ModelVersion) -> None:
 
     A ``kv_cache`` graph exported before it returned only the new tokens' cache entries
     returns the whole cache instead; served as-is, the engine would write that into its cache
-    buffer as if it were one token's entries. Its files are intact (verification passes), so
-    the message says what to do: re-export from the checkpoint.
+    buffer as if it were one token's entries. One exported before the past went in per layer
+    takes a single stacked past input, which the engine no longer passes. Its files are intact
+    (verification passes), so the message says what to do: re-export from the checkpoint.
     """
     cache = resolved.manifest.signature.cache
     problem = cache.stale_contract() if cache is not None else None

@@ -6,20 +6,26 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exporters import demo_store
 from model_store import ModelRepository
-from tests.model_store.builders import with_old_cache_contract
+from tests.model_store.builders import with_old_cache_contract, with_stacked_past_contract
 
 
+@pytest.mark.parametrize("old_contract", [with_old_cache_contract, with_stacked_past_contract])
 def test_a_stale_kv_cache_model_is_exported_again_then_kept(
-    tmp_path: Path, tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_checkpoint: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    old_contract: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
-    """A model whose newest version has the old cache contract is refused by the service, so
-    the demo store exports it again (a new version) instead of counting it as published; once
-    current, a second run exports nothing."""
+    """A model whose newest version has an old cache contract (the whole cache out, or one
+    stacked past input) is refused by the service, so the demo store exports it again (a new
+    version) instead of counting it as published; once current, a second run exports
+    nothing."""
     monkeypatch.setattr(demo_store, "ARCHS", ("alibi",))
     monkeypatch.setattr(demo_store, "FORMATS", {"onnx": "{arch}-demo"})
     checkpoints, store = tmp_path / "checkpoints", tmp_path / "store"
@@ -30,7 +36,7 @@ def test_a_stale_kv_cache_model_is_exported_again_then_kept(
     assert set(timings) == {"export alibi-demo"}
     repo = ModelRepository(store)
     manifest = repo.resolve("alibi-demo").path / "manifest.json"
-    manifest.write_text(json.dumps(with_old_cache_contract(json.loads(manifest.read_text()))))
+    manifest.write_text(json.dumps(old_contract(json.loads(manifest.read_text()))))
 
     logs.clear()
     timings = demo_store.build_demo_store(checkpoints, store, logs.append)

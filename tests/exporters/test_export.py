@@ -17,7 +17,7 @@ from exporters.cli import main as exporters_main
 from exporters.export import ExportRequest, export, parity_lengths
 from exporters.formats import FrozenAxisError, check_dynamic_axes, export_onnx
 from exporters.graphs import graph_spec, wrap
-from exporters.parity import ParityError
+from exporters.parity import ParityError, past_inputs
 from exporters.runtime import OnnxRunner, TorchScriptRunner
 from model_store import ModelRepository
 from model_store.cli import main as store_main
@@ -100,8 +100,9 @@ def test_round_trip_through_the_store_matches_eager(store, tiny_checkpoint, arch
             mask[1, length - length // 3 :] = 0
         inputs = {"input_ids": ids, "attention_mask": mask}
         if spec.mode == "kv_cache":
-            layers, _, _, heads, _, head_dim = spec.inputs[2][2]
-            inputs["past_key_values"] = np.zeros((layers, 2, 2, heads, 0, head_dim), np.float32)
+            layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+            empty = np.zeros((layers, 2, 2, heads, 0, head_dim), np.float32)
+            inputs.update(past_inputs(empty, spec.input_names[2:]))
         got = runner.run(inputs)
         with torch.no_grad():
             expected = reference(*[torch.from_numpy(v) for v in inputs.values()])
@@ -119,25 +120,53 @@ def test_kv_cache_graph_decodes_one_token_on_a_prefilled_cache(
     assert version.manifest.signature.cache is not None
     ckpt = load_checkpoint(tiny_checkpoint(version.manifest.architecture))
     runner = _runner(version)
+    names = version.manifest.signature.cache.inputs  # the per-layer past inputs
     ids = torch.randint(4, ckpt.config.vocab_size, (1, 40))
     cache = ckpt.model.empty_cache(1, torch.float32, torch.device("cpu")).numpy()
     out = runner.run(
         {
             "input_ids": ids[:, :-1].numpy(),
             "attention_mask": np.ones((1, 39), np.int64),
-            "past_key_values": cache,
+            **past_inputs(cache, names),
         }
     )
     step = runner.run(
         {
             "input_ids": ids[:, -1:].numpy(),
             "attention_mask": np.ones((1, 40), np.int64),
-            "past_key_values": out["new_key_values"],  # empty past: the whole prompt's
+            # empty past: the whole prompt's entries
+            **past_inputs(out["new_key_values"], names),
         }
     )
     with torch.no_grad():
         full, _ = ckpt.model(ids, torch.ones_like(ids))
     np.testing.assert_allclose(step["logits"][0, -1], full[0, -1].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["alibi-onnx", "reformer-onnx"])
+def test_kv_cache_graph_takes_the_past_per_layer_with_dynamic_axes(store, name) -> None:
+    """One (batch, heads, past_sequence, head_dim) input per layer and per key/value, named
+    as the manifest says, with batch (the input_ids' symbol) and past length symbolic, and none
+    of them split or gathered: that copy is what per-layer inputs remove. (The exporter may
+    give each input's past length its own symbol: nothing in a Reformer ties them.)"""
+    version = ModelRepository(store).resolve(name)
+    cache = version.manifest.signature.cache
+    assert cache is not None
+    graph = onnx.load(str(version.model_path)).graph
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+    }
+    past = [n for n in dims if n.startswith("past_key_values")]
+    expected = [f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(4)]
+    assert cache.n_layers == 2 and past == cache.inputs == expected
+    batch, _ = dims["input_ids"]
+    for n in past:
+        b, heads, length, width = dims[n]
+        assert b == batch and isinstance(length, str) and length != batch
+        assert (heads, width) == (cache.n_heads, cache.head_dim)
+    copies = {node.op_type for node in graph.node if set(node.input) & set(past)}
+    assert not copies & {"Split", "Gather", "Slice"}, copies
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -30,7 +30,10 @@ class EagerRunner(Runner):
         with torch.no_grad():
             logits, new = self.module(*(torch.from_numpy(v) for v in inputs.values()))
         if self.whole_cache:
-            new = torch.cat([torch.from_numpy(inputs["past_key_values"]), new], dim=4)
+            names = graph_spec("generate", CONFIG).input_names[2:]
+            layers = [inputs[name] for name in names]  # (b, h, P, e) each, layer-major
+            past = np.stack(layers).reshape(CONFIG.n_layers, 2, *layers[0].shape)
+            new = torch.cat([torch.from_numpy(past), new], dim=4)
         return {"logits": logits.numpy(), "new_key_values": new.numpy()}
 
 
@@ -52,9 +55,11 @@ def test_decode_cases_hold_padding_between_the_past_and_the_new_token(
     assert prompt_mask.tolist()[1] == [0] * 5 + [1] * 5  # the prompt itself is left-padded
     with torch.no_grad():
         _, prefill = reference(*(torch.from_numpy(v) for v in case.inputs.values()))
-    decode = _prepare_decode(reference, case, CONFIG.vocab_size, np.random.default_rng(0))
+    decode = _prepare_decode(reference, spec, case, CONFIG.vocab_size, np.random.default_rng(0))
     assert decode.inputs["attention_mask"].tolist() == [[1] * 11, [1] * 5 + [0] * 5 + [1]]
-    past = decode.inputs["past_key_values"]
+    assert list(decode.inputs)[2:] == spec.input_names[2:]  # per layer, in graph order
+    layers = [decode.inputs[name] for name in spec.input_names[2:]]
+    past = np.stack(layers).reshape(CONFIG.n_layers, 2, *layers[0].shape)
     np.testing.assert_array_equal(past[:, :, 1, :, :5], prefill[:, :, 1, :, 5:].numpy())
     np.testing.assert_array_equal(past[:, :, 0], prefill[:, :, 0].numpy())
     assert decode.cache_mask is not None and decode.cache_mask.shape == (2, 1)  # one new entry

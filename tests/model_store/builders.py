@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model_store import Manifest
+from model_store import Manifest, past_input_names
 
 # stage(files={relative path: size}) -> staging directory of random bytes (conftest fixture)
 StageFn = Callable[..., Path]
@@ -33,11 +33,14 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
                     "dtype": "int64",
                     "shape": ["batch", "past_sequence + sequence"],
                 },
-                {
-                    "name": "past_key_values",
-                    "dtype": "float32",
-                    "shape": [2, 2, "batch", 4, "past_sequence", 8],
-                },
+                *(
+                    {
+                        "name": name,
+                        "dtype": "float32",
+                        "shape": ["batch", 4, "past_sequence", 8],
+                    }
+                    for name in past_input_names("past_key_values", 2)
+                ),
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 300]},
@@ -50,6 +53,7 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
             "generation_mode": "kv_cache",
             "cache": {
                 "input": "past_key_values",
+                "inputs": past_input_names("past_key_values", 2),
                 "output": "new_key_values",
                 "layout": ["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
                 "n_layers": 2,
@@ -107,9 +111,35 @@ def make_manifest(**overrides: Any) -> Manifest:
 OLD_CACHE_OUTPUT = "present_key_values"
 
 
+def with_stacked_past_contract(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (a kv_cache manifest) as exported before the past went in per layer: one
+    stacked input "past_key_values" (layers, 2, batch, heads, past_sequence, head_dim) and a
+    cache layout without ``inputs``."""
+    signature = document["signature"]
+    cache = {k: v for k, v in signature["cache"].items() if k != "inputs"}
+    per_layer = set(signature["cache"]["inputs"])
+    stacked = {
+        "name": cache["input"],
+        "dtype": "float32",
+        "shape": [
+            cache["n_layers"],
+            2,
+            "batch",
+            cache["n_heads"],
+            "past_sequence",
+            cache["head_dim"],
+        ],
+    }
+    inputs = [spec for spec in signature["inputs"] if spec["name"] not in per_layer]
+    signature = {**signature, "inputs": [*inputs, stacked], "cache": cache}
+    return {**document, "signature": signature}
+
+
 def with_old_cache_contract(document: dict[str, Any]) -> dict[str, Any]:
     """``document`` (a kv_cache manifest) as exported before kv_cache graphs returned only the
-    new tokens' entries: the cache output was the whole present cache, "present_key_values"."""
+    new tokens' entries: the past went in stacked (:func:`with_stacked_past_contract`) and the
+    cache output was the whole present cache, "present_key_values"."""
+    document = with_stacked_past_contract(document)
     signature = document["signature"]
     new_name = signature["cache"]["output"]
     outputs = [

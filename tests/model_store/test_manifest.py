@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from model_store import SCHEMA_VERSION, Manifest, ManifestError, Provenance
+from model_store import SCHEMA_VERSION, Manifest, ManifestError, Provenance, past_input_names
 from model_store import manifest as manifest_module
 from tests.model_store.builders import (
     make_manifest,
     manifest_document,
     with_old_cache_contract,
+    with_stacked_past_contract,
 )
 
 ENCODER_SIGNATURE = {
@@ -47,7 +48,12 @@ def test_round_trip_through_json_file(tmp_path: Path) -> None:
     assert loaded.provenance.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert loaded.signature.cache is not None and loaded.signature.cache.n_layers == 2
     # Mixed str/int axes survive: "2" stays a name, 2 stays a size.
-    assert loaded.signature.input("past_key_values").shape == [2, 2, "batch", 4, "past_sequence", 8]
+    assert loaded.signature.input("past_key_values.1.value").shape == [
+        "batch",
+        4,
+        "past_sequence",
+        8,
+    ]
     assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
 
 
@@ -123,9 +129,17 @@ def test_kv_cache_mode_requires_cache_layout() -> None:
 
 def test_cache_layout_must_name_graph_tensors() -> None:
     document = manifest_document()
-    cache = {**document["signature"]["cache"], "input": "past"}
-    with pytest.raises(ValidationError, match="cache input 'past' is not a graph input"):
+    names = past_input_names("past", 2)
+    cache = {**document["signature"]["cache"], "input": "past", "inputs": names}
+    with pytest.raises(ValidationError, match=r"cache inputs \['past\.0\.key'"):
         Manifest.model_validate(with_signature(cache=cache))
+
+
+def test_cache_layout_names_one_key_and_one_value_input_per_layer() -> None:
+    cache = manifest_document()["signature"]["cache"]
+    for inputs in (cache["inputs"][:2], cache["inputs"][::-1]):  # one layer; values first
+        with pytest.raises(ValidationError, match="one key and one value input per layer"):
+            Manifest.model_validate(with_signature(cache={**cache, "inputs": inputs}))
 
 
 def test_old_whole_cache_contract_still_parses_but_is_reported_stale() -> None:
@@ -138,6 +152,15 @@ def test_old_whole_cache_contract_still_parses_but_is_reported_stale() -> None:
     problem = old.signature.cache.stale_contract()
     assert problem is not None
     assert "'present_key_values'" in problem and "'new_key_values'" in problem
+
+
+def test_stacked_past_contract_still_parses_but_is_reported_stale() -> None:
+    """The contract before per-layer past inputs: new entries out, but ONE past input."""
+    old = Manifest.model_validate(with_stacked_past_contract(manifest_document()))
+    assert old.signature.cache is not None and old.signature.cache.inputs == []
+    problem = old.signature.cache.stale_contract()
+    assert problem is not None
+    assert "one input 'past_key_values'" in problem and "past_key_values.0.key" in problem
 
 
 def test_duplicate_tensor_names_and_unknown_dtypes_rejected() -> None:

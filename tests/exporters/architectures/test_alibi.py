@@ -14,6 +14,7 @@ from exporters.architectures.alibi import (
     alibi_attention,
     alibi_bias,
     alibi_slopes,
+    layer_caches,
 )
 from exporters.architectures.common import init_weights
 
@@ -220,7 +221,7 @@ def test_forward_step_with_padding_anywhere_in_the_past_equals_the_unpadded_sequ
         for name, real in layouts.items():
             padded = scatter_past(present, real, gen)
             mask = torch.cat([real.long(), torch.ones(1, dtype=torch.int64)])[None]
-            got, new = model.forward_step(ids[:, n:], mask, padded)
+            got, new = model.forward_step(ids[:, n:], mask, layer_caches(padded))
             assert new.shape == (CONFIG.n_layers, 2, 1, CONFIG.n_heads, 1, CONFIG.head_dim)
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=name)
             torch.testing.assert_close(new, full[..., n:, :], atol=ATOL, rtol=0, msg=name)
@@ -233,9 +234,9 @@ def test_forward_step_returns_only_the_new_entries_of_forward_cached(model: Alib
     mask[1, :2] = 0
     with torch.no_grad():
         past = model.empty_cache(2, torch.float32, ids.device)
-        first, prompt = model.forward_step(ids[:, :6], mask[:, :6], past)
+        first, prompt = model.forward_step(ids[:, :6], mask[:, :6], layer_caches(past))
         cached_first, present = model.forward_cached(ids[:, :6], mask[:, :6], past)
-        second, new = model.forward_step(ids[:, 6:], mask, prompt)
+        second, new = model.forward_step(ids[:, 6:], mask, layer_caches(prompt))
         cached_second, full = model.forward_cached(ids[:, 6:], mask, present)
     assert prompt.shape[4] == 6 and new.shape[4] == 3
     assert torch.equal(first, cached_first) and torch.equal(prompt, present)

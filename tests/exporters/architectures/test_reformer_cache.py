@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from exporters.architectures.alibi import layer_caches
 from exporters.architectures.reformer import (
     ReformerConfig,
     ReformerModel,
@@ -125,7 +126,7 @@ def test_padding_between_the_past_and_the_new_tokens_is_invisible(
         junk = torch.randn(*present.shape[:4], free, present.shape[-1], generator=gen) * 10
         padded = torch.cat([present, junk], dim=4)
         mask = torch.cat([torch.ones(n), torch.zeros(free), torch.ones(t)]).long()[None]
-        got, new = model.forward_step(ids[:, n:], mask, padded)
+        got, new = model.forward_step(ids[:, n:], mask, layer_caches(padded))
         _, whole = model.forward_cached(ids, torch.ones_like(ids), past)
     assert new.shape == (2, 2, 1, 2, t, CONFIG.head_dim)
     torch.testing.assert_close(got, full_logits(model, ids)[:, n:], atol=ATOL, rtol=0)
@@ -140,13 +141,17 @@ def test_decoding_into_a_buffer_with_free_slots_equals_full_recompute(model: Ref
     with torch.no_grad():
         buffer = torch.zeros(2, 2, 1, 2, capacity, CONFIG.head_dim)
         logits, new = model.forward_step(
-            ids[:, :prompt], torch.ones(1, prompt, dtype=torch.long), buffer[..., :0, :]
+            ids[:, :prompt],
+            torch.ones(1, prompt, dtype=torch.long),
+            layer_caches(buffer[..., :0, :]),
         )
         buffer[..., :prompt, :] = new
         outs = [logits]
         for n in range(prompt, ids.shape[1]):
             mask = torch.cat([torch.arange(capacity) < n, torch.ones(1, dtype=torch.bool)])
-            logits, new = model.forward_step(ids[:, n : n + 1], mask.long()[None], buffer)
+            logits, new = model.forward_step(
+                ids[:, n : n + 1], mask.long()[None], layer_caches(buffer)
+            )
             buffer[..., n : n + 1, :] = new
             outs.append(logits)
     torch.testing.assert_close(torch.cat(outs, 1), full_logits(model, ids), atol=ATOL, rtol=0)

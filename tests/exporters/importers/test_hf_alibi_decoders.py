@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from exporters.importers import import_checkpoint
+from exporters.parity import past_inputs
 from exporters.runtime import OnnxRunner
 from model_store import ModelVersion
 from tests.exporters.importers.conftest import (
@@ -38,10 +39,13 @@ def onnx_step(version: ModelVersion) -> Step:
     """The published kv-cache graph as a (ids, mask, past) -> (logits, present) function: the
     graph returns the new tokens' entries, appended here as the service appends them."""
     runner = OnnxRunner(version.model_path, ["logits", "new_key_values"])
+    cache = version.manifest.signature.cache
+    assert cache is not None
+    names = cache.inputs  # the per-layer past inputs
 
     def step(ids: Tensor, mask: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
         inputs = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        out = runner.run({**inputs, "past_key_values": past.numpy()})
+        out = runner.run({**inputs, **past_inputs(past.numpy(), names)})
         new = torch.from_numpy(out["new_key_values"])
         return torch.from_numpy(out["logits"]), torch.cat([past, new], dim=4)
 

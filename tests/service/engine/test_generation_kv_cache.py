@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from model_store import ModelRepository
-from service.engine.kv_cache import CacheShape, DecodeBatch, KVBudget, capacity_for
+from service.engine.kv_cache import (
+    CacheShape,
+    DecodeBatch,
+    KVBudget,
+    capacity_for,
+    prefill_inputs,
+)
 from service.engine.models import LoadedModel, load_model
 from service.settings import Settings
 from tests.service.conftest import ServiceStore
@@ -104,9 +110,28 @@ def test_inputs_pass_the_whole_buffer_and_a_mask_with_the_new_token() -> None:
         [1, 1, 0, 0, 0, 0, 0, 0, 1],  # free slots between the past and the new token
         [1, 1, 1, 0, 0, 0, 0, 0, 1],
     ]
-    assert inputs["past"] is batch.cache  # no copy per step
+    # The past per layer, as views of the buffer: no copy per step, and contiguous, so a runtime
+    # reads them in place.
+    assert list(inputs)[2:] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
+    for i, name in enumerate(list(inputs)[2:]):
+        view = inputs[name]
+        assert view.base is batch.cache and view.flags.c_contiguous
+        np.testing.assert_array_equal(view, batch.cache[i // 2, i % 2])
     with pytest.raises(ValueError, match="2 rows"):
         batch.inputs([11], "past")
+
+
+def test_prefill_inputs_pass_a_sequences_cache_per_layer_without_copying() -> None:
+    cache = fake_cache(3, 0)
+    inputs = prefill_inputs([7, 8], cache, "past")
+    assert inputs["input_ids"].tolist() == [[7, 8]]
+    assert inputs["attention_mask"].tolist() == [[1] * 5]  # 3 cached + 2 new, all real
+    assert list(inputs)[2:] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
+    assert all(
+        inputs[n].base is cache and inputs[n].shape == (1, 3, 3, 4) for n in list(inputs)[2:]
+    )
+    first = prefill_inputs([7], SHAPE.empty(1), "past")  # the first chunk: an empty past
+    assert first["attention_mask"].shape == (1, 1) and first["past.1.value"].shape == (1, 3, 0, 4)
 
 
 def test_advance_writes_each_new_entry_in_place_at_the_rows_length() -> None:
@@ -197,13 +222,7 @@ def prefill(model: LoadedModel, ids: list[int]) -> tuple[np.ndarray, np.ndarray]
     cache = model.manifest.signature.cache
     assert cache is not None
     shape = CacheShape.from_layout(cache)
-    out = model.backend.run(
-        {
-            "input_ids": np.asarray([ids], np.int64),
-            "attention_mask": np.ones((1, len(ids)), np.int64),
-            cache.input: shape.empty(1),
-        }
-    )
+    out = model.backend.run(prefill_inputs(ids, shape.empty(1), cache.input))
     return out["logits"][0], out[cache.output]
 
 

@@ -11,7 +11,7 @@ from service.backends.onnx import OnnxBackend
 from service.engine.errors import ModelLoadError, ModelNotFound, ModelVerificationError
 from service.engine.models import load_model
 from service.settings import Settings
-from tests.model_store.builders import with_old_cache_contract
+from tests.model_store.builders import with_old_cache_contract, with_stacked_past_contract
 from tests.service.conftest import ServiceStore
 
 
@@ -59,6 +59,19 @@ def test_a_graph_exported_under_the_old_cache_contract_is_refused(
     path.write_text(json.dumps(with_old_cache_contract(json.loads(path.read_text()))))
     assert repo.verify("ali").ok
     with pytest.raises(ModelLoadError, match="present_key_values") as info:
+        load_model(repo, "ali", None, Settings(store=store_copy.root))
+    assert "Re-export it from its checkpoint" in str(info.value)
+    assert "make models" in str(info.value)
+
+
+def test_a_graph_with_one_stacked_past_input_is_refused(store_copy: ServiceStore) -> None:
+    """The contract before per-layer past inputs: the engine passes past_key_values.{l}.key /
+    .value, which such a graph does not take, so loading stops and says to re-export."""
+    repo = ModelRepository(store_copy.root)
+    path = repo.resolve("ali").path / "manifest.json"
+    path.write_text(json.dumps(with_stacked_past_contract(json.loads(path.read_text()))))
+    assert repo.verify("ali").ok
+    with pytest.raises(ModelLoadError, match="one input 'past_key_values'") as info:
         load_model(repo, "ali", None, Settings(store=store_copy.root))
     assert "Re-export it from its checkpoint" in str(info.value)
     assert "make models" in str(info.value)
