@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         default=512, ge=16, description="prefill at most this many prompt tokens per step"
     )
+    # 512 x 1024: a 512-token chunk on a 512-token past; at 16K cached tokens chunks shrink to
+    # ~32 tokens, so a step's prefill stays about as long as the first chunk's.
+    prefill_chunk_pairs: int = Field(
+        default=512 * 1024,
+        ge=256,
+        description="full-attention decoders: a prefill chunk of n tokens on a past of P "
+        "attends n*(P+n) pairs; chunks shrink to stay within this per step",
+    )
     max_waiting_sequences: int = Field(
         default=256, ge=1, description="generation queue limit; beyond it 429"
     )

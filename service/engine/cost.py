@@ -42,6 +42,33 @@ def cost_function(architecture: str) -> CostFunction:
     return COST_FUNCTIONS.get(architecture, quadratic_cost)
 
 
+#: A prefill chunk never shrinks below this many tokens, so a long prompt always advances.
+MIN_PREFILL_CHUNK = 16
+
+
+def prefill_chunk_limit(past: int, pair_budget: int) -> int:
+    """The longest chunk n whose attention n · (past + n) query-key pairs fits ``pair_budget``
+    (at least MIN_PREFILL_CHUNK).
+
+    For a decoder that attends to its whole past, a chunk's cost grows with the past: a
+    512-token chunk on top of 16K cached tokens attends 32x the pairs of the first one, and the
+    running streams wait for it. Bounding pairs instead of tokens keeps every prefill step, and
+    so their inter-token latency, about as long as the first.
+    """
+    if past < 0 or pair_budget < 1:
+        raise ValueError(f"need past >= 0 and pair_budget >= 1, got {past}, {pair_budget}")
+    # Positive root of n² + past·n − budget = 0, then step down past any float rounding.
+    n = int((-past + math.sqrt(past * past + 4 * pair_budget)) / 2)
+    while n > 0 and n * (past + n) > pair_budget:
+        n -= 1
+    return max(n, MIN_PREFILL_CHUNK)
+
+
+def attends_whole_past(architecture: str) -> bool:
+    """True where a prefill chunk's cost grows with the cached past (full causal attention)."""
+    return cost_function(architecture) is quadratic_cost
+
+
 def batch_cost(
     cost: CostFunction, config: Mapping[str, Any], size: int, padded_length: int
 ) -> float:

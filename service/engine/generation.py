@@ -11,7 +11,10 @@ results. At every step:
    sequence in one forward pass over the preallocated decode buffer (kv_cache.py), whose new
    entries are written in place; then admitted prompts are prefilled: at most
    ``settings.prefill_chunk_tokens`` prompt tokens per step, each prompt in chunks on top of its
-   own exact-length cache (each chunk's new entries appended: a prompt has few chunks). A long
+   own exact-length cache (each chunk's new entries appended: a prompt has few chunks). For
+   ALiBi, whose chunks attend to the whole cached past, a step's chunks also attend at most
+   ``settings.prefill_chunk_pairs`` query-key pairs (cost.prefill_chunk_limit): late chunks of
+   a 16K prompt shrink instead of costing 32x the first one. A long
    prompt is thus spread over several steps and the running streams keep getting a token every
    step instead of stalling for the whole prefill. A prompt whose prefill completes samples its
    first token and joins the decode batch for the next step;
@@ -52,6 +55,7 @@ from typing import Literal
 
 import numpy as np
 
+from service.engine.cost import attends_whole_past, prefill_chunk_limit
 from service.engine.errors import (
     ContextLengthExceeded,
     EngineStopped,
@@ -59,7 +63,7 @@ from service.engine.errors import (
     QueueFull,
 )
 from service.engine.generation_text import TextTracker
-from service.engine.kv_cache import CacheShape, DecodeBatch, KVBudget
+from service.engine.kv_cache import CacheShape, DecodeBatch, KVBudget, prefill_inputs
 from service.engine.models import LoadedModel
 from service.engine.sampling import SamplingParams, sample
 from service.metrics import Metrics
@@ -233,6 +237,8 @@ class GenerationEngine:
         self.settings = settings
         self.metrics = metrics
         self.mode = mode
+        # ALiBi chunks attend to the whole cached past, so their cost is bounded in pairs too.
+        self.bound_prefill_pairs = attends_whole_past(manifest.architecture)
         self.max_context = manifest.max_context
         self.vocab_size = int(manifest.config.get("vocab_size", model.tokenizer.get_vocab_size()))
         config = manifest.config
@@ -481,18 +487,19 @@ class GenerationEngine:
     def _prefill_step(self, queue_seconds: list[float]) -> None:
         assert self.shape is not None and self.batch is not None
         budget = self.settings.prefill_chunk_tokens
+        pairs = self.settings.prefill_chunk_pairs
         for seq in list(self._prefilling):
-            if budget <= 0:
+            if budget <= 0 or pairs <= 0:
                 break
             n = min(len(seq.prompt) - seq.prefilled, budget)
+            if self.bound_prefill_pairs:
+                n = min(n, prefill_chunk_limit(seq.prefilled, pairs))
+                pairs -= n * (seq.prefilled + n)
             budget -= n
             past = seq.cache if seq.cache is not None else self.shape.empty(1)
             total = past.shape[4] + n
-            inputs = {
-                "input_ids": np.asarray([seq.prompt[seq.prefilled : seq.prefilled + n]], np.int64),
-                "attention_mask": np.ones((1, total), np.int64),
-                self.cache_input: past,
-            }
+            chunk = seq.prompt[seq.prefilled : seq.prefilled + n]
+            inputs = prefill_inputs(chunk, past, self.cache_input)
             outbox = _Outbox()
             try:
                 outputs = self._forward(inputs, total)

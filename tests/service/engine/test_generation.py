@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from model_store import ModelRepository
 from service.backends.base import Backend
+from service.engine.cost import MIN_PREFILL_CHUNK, prefill_chunk_limit
 from service.engine.errors import ContextLengthExceeded, EngineStopped, InvalidInput, QueueFull
 from service.engine.generation import (
     EOS_ID,
@@ -54,6 +55,18 @@ class Call:
     outputs: dict[str, np.ndarray]
 
 
+def past_cache(inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The past a kv_cache step was given, (L, 2, b, h, P, e): per layer
+    (``past_key_values.{l}.key`` / ``.value``, as DecodeBatch passes it) or stacked under
+    ``past_key_values`` (which the backends also accept); None for other graphs."""
+    if "past_key_values" in inputs:
+        return inputs["past_key_values"]
+    layers = [value for name, value in inputs.items() if name.startswith("past_key_values.")]
+    if not layers:
+        return None
+    return np.stack(layers).reshape(len(layers) // 2, 2, *layers[0].shape)
+
+
 class Probe(Backend):
     """Wraps a backend: records every call, can slow it down, hold it, or make it fail."""
 
@@ -74,7 +87,7 @@ class Probe(Backend):
         if self.fail is not None:
             raise self.fail
         outputs = self.inner.run(inputs)
-        past = inputs.get("past_key_values")
+        past = past_cache(inputs)
         slots = 0 if past is None else past.shape[4]
         real = inputs["attention_mask"][:, :slots].sum(axis=1)
         self.calls.append(
@@ -103,7 +116,8 @@ class CountingBackend(Backend):
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.runs += 1
-        ids, past = inputs["input_ids"], inputs["past_key_values"]
+        ids, past = inputs["input_ids"], past_cache(inputs)
+        assert past is not None
         b, t = ids.shape
         following = np.where(ids == self.eos_after, EOS_ID, (ids + 1) % self.vocab)
         logits = np.zeros((b, t, self.vocab), np.float32)
@@ -387,6 +401,36 @@ def test_chunked_prefill_equals_unchunked(ali: LoadedModel, reference: EagerRefe
     last_chunked = chunked_probe.calls[len(chunks) - 1].outputs["logits"][0, -1]
     np.testing.assert_allclose(last_chunked, last_whole, atol=1e-4)
     assert chunked.token_ids == whole.token_ids
+
+
+def test_prefill_chunks_shrink_with_the_past_under_the_pair_budget(
+    ali: LoadedModel, reference: EagerReference
+) -> None:
+    """ALiBi chunks attend to the whole past: with a pair budget they shrink as it grows, and
+    the tokens are still those of an unbounded prefill."""
+    prompt = (OTHER_PROMPTS[1] + PROMPT) * 3
+    n_prompt = len(reference.token_ids(prompt))
+    budget = 2048
+
+    async def main(pairs: int) -> tuple[GenerationResult, Probe]:
+        probe = Probe(ali.backend)
+        model = with_backend(ali, probe)
+        async with running(model, prefill_chunk_tokens=512, prefill_chunk_pairs=pairs) as engine:
+            return await generate(engine, prompt, max_new_tokens=6, temperature=0), probe
+
+    whole, _ = run(main(10**9))
+    bounded, probe = run(main(budget))
+    chunks: list[int] = []
+    for call in probe.calls:  # the sequence is alone: its prefill calls come first
+        if sum(chunks) == n_prompt:
+            break
+        chunks.append(call.input_shape[1])
+    past = [sum(chunks[:i]) for i in range(len(chunks))]
+    assert chunks == [min(n_prompt - p, prefill_chunk_limit(p, budget)) for p in past], (
+        "each chunk is the longest the pair budget allows on its past"
+    )
+    assert chunks[0] > chunks[-2] >= MIN_PREFILL_CHUNK  # later chunks are shorter
+    assert bounded.token_ids == whole.token_ids
 
 
 def test_long_prefill_is_interleaved_with_running_decodes(ali: LoadedModel) -> None:
