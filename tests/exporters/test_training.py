@@ -102,3 +102,24 @@ def test_fp32_presets_report_fp32(tmp_path: Path) -> None:
 
     report = train("shatter", "tiny", tmp_path / "ckpt", steps=1, progress=False)
     assert report["compute"] == "fp32"
+
+
+def test_mlm_loss_on_masked_rows_only_equals_the_full_loss() -> None:
+    """Linformer's MLM loss scores only the masked positions: the same value as scoring all."""
+    from exporters.architectures import build_model, config_from_dict
+    from exporters.training import _loss
+
+    config = config_from_dict(
+        "linformer",
+        {"vocab_size": 100, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32, "k": 8},
+    )
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    ids = torch.randint(4, 100, (3, 20))
+    labels = ids.masked_fill(torch.rand(3, 20) < 0.7, -100)
+    with torch.no_grad():
+        logits, _ = model(ids, torch.ones_like(ids))
+        full = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 100), labels.reshape(-1), ignore_index=-100
+        )
+        assert float(_loss(model, ids, labels, "encode")) == pytest.approx(float(full), rel=1e-6)
