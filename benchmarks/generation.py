@@ -8,7 +8,8 @@ Three measurements, all on one ``kv_cache`` (ALiBi) model, timed where a client 
 1. throughput — aggregate generated tokens/s with 1, 4 and 16 concurrent streams;
 2. context — inter-token latency (ITL) of one stream whose context is 256 vs 4096 tokens;
 3. interference — 8 streams decoding while a long prompt (16K tokens) arrives: their ITL
-   p50/p99 before it and during its chunked prefill (``settings.prefill_chunk_tokens``); and,
+   p50/p99 before it and during its chunked prefill (``settings.prefill_chunk_tokens``, and
+   ``settings.prefill_chunk_pairs``, which shrinks late chunks; also without it); and,
    at a shorter prompt that an unchunked prefill can still hold in memory, chunked against
    prefill in one piece, which shows what chunking buys the running streams.
 
@@ -53,6 +54,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 FIRST_REGULAR_ID = 4  # contracts.md: ids 0-3 are <pad>, <eos>, <mask>, <cls>
+UNBOUNDED_PAIRS = 2**62  # prefill_chunk_pairs that never binds: chunks of prefill_chunk tokens
 
 
 @dataclass(frozen=True)
@@ -180,18 +182,24 @@ class Bench:
     async def interference(self, plan: Plan) -> list[dict[str, Any]]:
         long_prompt = min(plan.long_prompt, self.max_context - 1)
         compare = min(plan.compare_prompt, long_prompt)
-        runs = [("chunked", plan.prefill_chunk, long_prompt)]
+        unbounded, pairs = UNBOUNDED_PAIRS, self.base.prefill_chunk_pairs
+        runs = [
+            ("chunked", plan.prefill_chunk, pairs, long_prompt),
+            ("chunked, no pair budget", plan.prefill_chunk, unbounded, long_prompt),
+        ]
         if compare != long_prompt:
-            runs.append(("chunked", plan.prefill_chunk, compare))
-        runs.append(("one piece", compare, compare))
+            runs.append(("chunked", plan.prefill_chunk, pairs, compare))
+        runs.append(("one piece", compare, unbounded, compare))
         return [await self._interference(plan, *run) for run in runs]
 
     async def _interference(
-        self, plan: Plan, label: str, chunk: int, long_prompt: int
+        self, plan: Plan, label: str, chunk: int, pairs: int, long_prompt: int
     ) -> dict[str, Any]:
         # Long enough that every stream is still decoding when the long prefill ends.
         new = self.max_context - plan.stream_prompt
-        engine = await self.engine(prefill_chunk_tokens=max(chunk, 16))
+        engine = await self.engine(
+            prefill_chunk_tokens=max(chunk, 16), prefill_chunk_pairs=max(pairs, 256)
+        )
         params = SamplingParams(max_new_tokens=new, temperature=0)
         streams = [
             await engine.submit(prompt_ids(plan.stream_prompt, self.vocab, self.rng), params)
@@ -223,6 +231,7 @@ class Bench:
         return {
             "prefill": label,
             "prefill_chunk_tokens": chunk,
+            "prefill_chunk_pairs": pairs if pairs < UNBOUNDED_PAIRS else None,
             "streams": plan.streams,
             "long_prompt_tokens": long_prompt,
             "long_prompt_ttft_s": long_done - long_submitted,
