@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if section not in sections:
             continue
         t0 = time.perf_counter()
-        log(f"== {section} (load average {load_average()})")
+        started_load = load_average()
+        log(f"== {section} (load average {started_load})")
         try:
             result = _run_section(section, args.quick, args.threads, work, choice, log)
         except Exception as exc:  # one broken section must not cost the others' numbers
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if section == "backends" and choice is None and result.get("choice", {}).get("path"):
             choice = (result["choice"]["format"], result["choice"]["precision"])
         result["load_average_after"] = load_average()
+        # Where this section's numbers come from: with --merge, sections of one file may come
+        # from different runs and commits.
+        result["run"] = {
+            "commit": data["machine"]["git"]["commit"],
+            "dirty": data["machine"]["git"]["dirty"],
+            "load_average_at_start": started_load,
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        }
         data["sections"][section] = result
         data["section_seconds"][section] = round(time.perf_counter() - t0, 1)
         data["total_seconds"] = round(time.perf_counter() - started, 1)
