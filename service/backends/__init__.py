@@ -12,12 +12,7 @@ from service.settings import Settings
 def _onnx(version: ModelVersion, settings: Settings) -> Backend:
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(
-        version.model_path,
-        settings.providers,
-        settings.intra_op_threads,
-        version.manifest.signature.cache,
-    )
+    return OnnxBackend(version.model_path, settings.providers, settings.intra_op_threads)
 
 
 def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
@@ -29,7 +24,6 @@ def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
         [spec.name for spec in signature.inputs],
         [spec.name for spec in signature.outputs],
         settings.intra_op_threads,
-        signature.cache,
     )
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model_store import CacheLayout
-from service.backends.base import Backend, BackendError, per_layer_feed
+from service.backends.base import Backend, BackendError
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,7 @@ def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
 
 
 class OnnxBackend(Backend):
-    def __init__(
-        self,
-        model_path: Path,
-        providers: list[str],
-        intra_op_threads: int = 0,
-        cache: CacheLayout | None = None,
-    ) -> None:
-        self.cache = cache  # a kv_cache graph's layout: the past may be passed stacked
+    def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
@@ -65,7 +57,6 @@ class OnnxBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = per_layer_feed(inputs, self.cache)
         feed = {name: inputs[name] for name in self.input_names}
         outputs = self.session.run(self.output_names, feed)
         return {

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_store import CacheLayout
-from service.backends.base import Backend, BackendError, per_layer_feed
+from service.backends.base import Backend, BackendError
 
 
 def choose_device(cuda_available: bool) -> torch.device:
@@ -23,9 +22,7 @@ class TorchScriptBackend(Backend):
         input_names: list[str],
         output_names: list[str],
         intra_op_threads: int = 0,
-        cache: CacheLayout | None = None,
     ) -> None:
-        self.cache = cache  # a kv_cache graph's layout: the past may be passed stacked
         if intra_op_threads:
             # Process-wide in torch; the last model loaded decides. Same value for every model.
             torch.set_num_threads(intra_op_threads)
@@ -47,8 +44,6 @@ class TorchScriptBackend(Backend):
         self.output_names = output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = per_layer_feed(inputs, self.cache)
-        # The per-layer past inputs are contiguous views: ascontiguousarray returns them as is.
         args = [
             torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
             for n in self.input_names

@@ -125,26 +125,3 @@ def test_unloadable_graph_is_a_backend_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not an onnx graph")
     with pytest.raises(BackendError, match=r"model\.onnx"):
         OnnxBackend(bad, [CPU_PROVIDER])
-
-
-def test_a_stacked_past_is_fed_as_per_layer_views(service_store: ServiceStore) -> None:
-    """The kv_cache graph takes the past per layer; a caller holding it stacked under the
-    layout's name (L, 2, b, h, P, e) gets exactly the same step as with the per-layer inputs."""
-    version = ModelRepository(service_store.root).resolve("ali")
-    cache = version.manifest.signature.cache
-    assert cache is not None
-    backend = create_backend(version, Settings(store=service_store.root, intra_op_threads=1))
-    ids = np.asarray([[5, 9, 33, 70]], np.int64)
-    past = (
-        np.random.default_rng(0)
-        .standard_normal((cache.n_layers, 2, 1, cache.n_heads, 3, cache.head_dim))
-        .astype(np.float32)
-    )
-    common = {"input_ids": ids, "attention_mask": np.ones((1, 7), np.int64)}
-    stacked = backend.run({**common, cache.input: past})
-    layers = {name: past[i // 2, i % 2] for i, name in enumerate(cache.inputs)}
-    per_layer = backend.run({**common, **layers})
-    for name in ("logits", cache.output):
-        np.testing.assert_array_equal(stacked[name], per_layer[name])
-    with pytest.raises(KeyError, match=r"past_key_values\.0\.key"):  # neither form: refused
-        backend.run(common)

@@ -56,11 +56,8 @@ class Call:
 
 
 def past_cache(inputs: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The past a kv_cache step was given, (L, 2, b, h, P, e): per layer
-    (``past_key_values.{l}.key`` / ``.value``, as DecodeBatch passes it) or stacked under
-    ``past_key_values`` (which the backends also accept); None for other graphs."""
-    if "past_key_values" in inputs:
-        return inputs["past_key_values"]
+    """The past a kv_cache step was given (``past_key_values.{l}.key`` / ``.value``, as
+    DecodeBatch passes it), restacked as (L, 2, b, h, P, e); None for other graphs."""
     layers = [value for name, value in inputs.items() if name.startswith("past_key_values.")]
     if not layers:
         return None
