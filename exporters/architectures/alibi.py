@@ -35,22 +35,17 @@ from exporters.architectures.common import (
     SPECIAL_TOKENS,
     Activation,
     FeedForward,
+    LayerCache,
     LMHead,
+    StackedCacheMixin,
     init_weights,
+    layer_caches,
     require_choice,
     require_positive,
     require_token_ids,
 )
 
 SlopeRule = Literal["paper", "mpt"]
-# One layer's past cache: (key, value), each (b, h, P, e). Kept apart per layer (not one stacked
-# tensor) so a graph runtime without views (ONNX Runtime) need not split, i.e. copy, the cache.
-LayerCache = tuple[Tensor, Tensor]
-
-
-def layer_caches(past_key_values: Tensor) -> list[LayerCache]:
-    """A stacked cache (L, 2, b, h, P, e) as per-layer (key, value) views (no copy)."""
-    return [(layer[0], layer[1]) for layer in past_key_values.unbind(0)]
 
 
 def alibi_slopes(n_heads: int, bias_max: float = 8.0, rule: SlopeRule = "paper") -> Tensor:
@@ -277,7 +272,7 @@ class AlibiBlock(nn.Module):
         return x, new_kv
 
 
-class AlibiLM(nn.Module):
+class AlibiLM(StackedCacheMixin, nn.Module):
     def __init__(self, config: AlibiConfig) -> None:
         super().__init__()
         self.config = config
@@ -290,13 +285,6 @@ class AlibiLM(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.head = LMHead(config.d_model, config.vocab_size)
         init_weights(self)
-
-    def empty_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(L, 2, b, h, 0, e): the cache before the first token (prefill = a call with this)."""
-        c = self.config
-        return torch.zeros(
-            c.n_layers, 2, batch_size, c.n_heads, 0, c.head_dim, dtype=dtype, device=device
-        )
 
     def _decode(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
@@ -347,12 +335,3 @@ class AlibiLM(nn.Module):
         """
         hidden, new = self._decode(input_ids, attention_mask, past_key_values)
         return self.head(hidden), new
-
-    def forward_cached(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward_step` returning the whole present cache (L, 2, b, h, P + t, e): the
-        past followed by the new entries, from one stacked past (L, 2, b, h, P, e). For eager
-        callers; graphs export ``forward_step``."""
-        logits, new = self.forward_step(input_ids, attention_mask, layer_caches(past_key_values))
-        return logits, torch.cat([past_key_values, new], dim=4)

@@ -27,9 +27,9 @@ the service):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,44 @@ MASK_TOKEN = "<mask>"
 CLS_TOKEN = "<cls>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MASK_TOKEN, CLS_TOKEN)
 PAD_ID, EOS_ID, MASK_ID, CLS_ID = range(len(SPECIAL_TOKENS))
+
+
+# One layer's past cache: (key, value), each (b, h, P, e). Kept apart per layer (not one stacked
+# tensor) so a graph runtime without views (ONNX Runtime) need not split, i.e. copy, the cache.
+LayerCache = tuple[Tensor, Tensor]
+
+
+def layer_caches(past_key_values: Tensor) -> list[LayerCache]:
+    """A stacked cache (L, 2, b, h, P, e) as per-layer (key, value) views (no copy)."""
+    return [(layer[0], layer[1]) for layer in past_key_values.unbind(0)]
+
+
+class StackedCacheMixin:
+    """The stacked-cache API of a decoder with a KV cache (ALiBi, the causal Reformer), built on
+    its ``forward_step`` (what the ``kv_cache`` graph exports): eager callers and tests keep one
+    (L, 2, b, h, P, e) tensor and get the whole present cache back."""
+
+    config: Any  # n_layers, n_heads and head_dim are read
+
+    def forward_step(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def empty_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(L, 2, b, h, 0, e): the cache before the first token (prefill = a call with this)."""
+        c = self.config
+        return torch.zeros(
+            c.n_layers, 2, batch_size, c.n_heads, 0, c.head_dim, dtype=dtype, device=device
+        )
+
+    def forward_cached(
+        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_step` from a stacked past (L, 2, b, h, P, e), returning logits and the
+        whole present cache (L, 2, b, h, P + t, e): the past followed by the new entries."""
+        logits, new = self.forward_step(input_ids, attention_mask, layer_caches(past_key_values))
+        return logits, torch.cat([past_key_values, new], dim=4)
 
 
 # Feed-forward activations by config name. "gelu_tanh" is Longhaul's own (it exports to one ONNX

@@ -60,12 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.architectures.alibi import LayerCache, layer_caches
 from exporters.architectures.common import (
     SPECIAL_TOKENS,
     Activation,
     FeedForward,
+    LayerCache,
     LMHead,
+    StackedCacheMixin,
     init_weights,
     require_choice,
     require_positive,
@@ -622,7 +623,7 @@ class ReversibleBlock(nn.Module):
         return x1, x2
 
 
-class ReformerModel(nn.Module):
+class ReformerModel(StackedCacheMixin, nn.Module):
     """Embeddings duplicated into the two streams (x1 = x2), reversible blocks, then the MEAN of
     the two streams (the paper concatenates to 2d; the mean keeps ``hidden`` at d_model as the
     model contract requires; ``stream_merge="concat"`` concatenates, as HF does), LayerNorm and
@@ -721,12 +722,8 @@ class ReformerModel(nn.Module):
             )
 
     def empty_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(L, 2, b, h, 0, e): the cache before the first token (prefill = a call with this)."""
-        self._require_kv_cache()
-        c = self.config
-        return torch.zeros(
-            c.n_layers, 2, batch_size, c.n_heads, 0, c.head_dim, dtype=dtype, device=device
-        )
+        self._require_kv_cache()  # a clear error rather than a cache no forward_step accepts
+        return super().empty_cache(batch_size, dtype, device)
 
     def forward_step(
         self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Sequence[LayerCache]
@@ -764,12 +761,3 @@ class ReformerModel(nn.Module):
             torch.cat([x1, x2], dim=-1) if self.config.stream_merge == "concat" else (x1 + x2) / 2
         )
         return self.head(self.norm(merged)), torch.stack(news)
-
-    def forward_cached(
-        self, input_ids: Tensor, attention_mask: Tensor, past_key_values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward_step` returning the whole present cache (L, 2, b, h, s + t, e): the
-        past followed by the new entries, from one stacked past (L, 2, b, h, s, e). For eager
-        callers; graphs export ``forward_step``."""
-        logits, new = self.forward_step(input_ids, attention_mask, layer_caches(past_key_values))
-        return logits, torch.cat([past_key_values, new], dim=4)

@@ -14,9 +14,8 @@ from exporters.architectures.alibi import (
     alibi_attention,
     alibi_bias,
     alibi_slopes,
-    layer_caches,
 )
-from exporters.architectures.common import init_weights
+from exporters.architectures.common import init_weights, layer_caches
 
 # 6 heads (not a power of two) so the interleaved slopes are exercised end to end.
 CONFIG = AlibiConfig(vocab_size=40, d_model=24, n_heads=6, n_layers=2, d_ff=48, trained_context=8)

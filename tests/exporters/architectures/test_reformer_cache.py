@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from exporters.architectures.alibi import layer_caches
+from exporters.architectures.common import layer_caches
 from exporters.architectures.reformer import (
     ReformerConfig,
     ReformerModel,
