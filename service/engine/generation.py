@@ -252,7 +252,8 @@ class GenerationEngine:
         self.start_id = self.pad_id if self.eos_id is None else self.eos_id
         cache = manifest.signature.cache
         self.shape = CacheShape.from_layout(cache) if cache is not None else None
-        self.cache_input = cache.input if cache is not None else ""
+        # The per-layer past input names, in graph order, as the manifest records them.
+        self.past_names = list(cache.inputs) if cache is not None else []
         self.cache_output = cache.output if cache is not None else ""
         self.budget = (
             KVBudget(self.shape, settings.kv_cache_bytes) if self.shape is not None else None
@@ -461,7 +462,7 @@ class GenerationEngine:
     def _decode_step(self) -> None:
         assert self.batch is not None
         rows = [self._running[seq_id] for seq_id in self.batch.ids]
-        inputs = self.batch.inputs([seq.generated[-1] for seq in rows], self.cache_input)
+        inputs = self.batch.inputs([seq.generated[-1] for seq in rows], self.past_names)
         lengths = self.batch.real_lengths()
         span = self.batch.capacity + 1  # keys each row's new token attends over, free slots too
         outbox = _Outbox()
@@ -499,7 +500,7 @@ class GenerationEngine:
             past = seq.cache if seq.cache is not None else self.shape.empty(1)
             total = past.shape[4] + n
             chunk = seq.prompt[seq.prefilled : seq.prefilled + n]
-            inputs = prefill_inputs(chunk, past, self.cache_input)
+            inputs = prefill_inputs(chunk, past, self.past_names)
             outbox = _Outbox()
             try:
                 outputs = self._forward(inputs, total)

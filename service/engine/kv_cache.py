@@ -47,7 +47,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_store import past_input_names
 from model_store.manifest import CacheLayout
 
 FLOAT32_BYTES = 4
@@ -117,29 +116,31 @@ class KVBudget:
 
 
 def prefill_inputs(
-    tokens: Sequence[int], cache: np.ndarray, cache_input: str
+    tokens: Sequence[int], cache: np.ndarray, names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Graph inputs for one prefill chunk of one sequence: ``tokens`` (t new prompt tokens) on
     top of its cache so far, ``cache`` (L, 2, 1, h, n, e) with n = 0 for the first chunk, every
-    slot real. The past goes in per layer as views of ``cache`` (``cache_input`` is the
-    layout's ``input``, the names' prefix), as in :meth:`DecodeBatch.inputs`."""
+    slot real. The past goes in per layer as views of ``cache`` under ``names`` (the layout's
+    ``inputs``), as in :meth:`DecodeBatch.inputs`."""
     total = int(cache.shape[4]) + len(tokens)
     return {
         "input_ids": np.asarray([tokens], np.int64),
         "attention_mask": np.ones((1, total), np.int64),
-        **past_inputs(cache, cache_input),
+        **past_inputs(cache, names),
     }
 
 
-def past_inputs(cache: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
-    """A stacked cache (L, 2, b, h, P, e) as a ``kv_cache`` graph's per-layer past inputs:
-    ``{prefix}.{l}.key`` = cache[l, 0], ``{prefix}.{l}.value`` = cache[l, 1].
+def past_inputs(cache: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A stacked cache (L, 2, b, h, P, e) as a ``kv_cache`` graph's per-layer past inputs,
+    ``names`` in graph order (the layout's ``inputs``: ``{prefix}.{l}.key`` = cache[l, 0],
+    ``{prefix}.{l}.value`` = cache[l, 1]).
 
     Views, not copies: for a C-contiguous cache each is one contiguous block, which ONNX
     Runtime's Python binding and ``torch.from_numpy`` read in place (docs/decisions.md,
     "one past input per layer", has the measurement).
     """
-    names = past_input_names(prefix, cache.shape[0])
+    if len(names) != 2 * cache.shape[0]:
+        raise ValueError(f"{len(names)} past input names for a cache of {cache.shape[0]} layers")
     return {name: cache[i // 2, i % 2] for i, name in enumerate(names)}
 
 
@@ -214,10 +215,10 @@ class DecodeBatch:
         buffer[:, :, :, :, :used] = self.cache[:, :, keep, :, :used]
         self.cache = buffer
 
-    def inputs(self, tokens: Sequence[int], cache_input: str) -> dict[str, np.ndarray]:
+    def inputs(self, tokens: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
         """Graph inputs for one decode step: each row's next token (in row order), the whole
-        buffer as the past, per layer (``cache_input`` is the layout's ``input``, the names'
-        prefix: views ``{cache_input}.{l}.key`` = buffer[l, 0], no copy), and its mask
+        buffer as the past, per layer (under ``names``, the layout's ``inputs``: views
+        ``{prefix}.{l}.key`` = buffer[l, 0], no copy), and its mask
         followed by a 1 for the new token."""
         if len(tokens) != len(self.ids):
             raise ValueError(f"{len(tokens)} tokens for a batch of {len(self.ids)} rows")
@@ -225,7 +226,7 @@ class DecodeBatch:
         return {
             "input_ids": np.asarray(tokens, np.int64).reshape(b, 1),
             "attention_mask": np.concatenate([self.mask, np.ones((b, 1), np.int64)], axis=1),
-            **past_inputs(self.cache, cache_input),
+            **past_inputs(self.cache, names),
         }
 
     def advance(self, new: np.ndarray) -> None:

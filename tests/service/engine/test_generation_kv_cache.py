@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from model_store import ModelRepository
+from model_store import ModelRepository, past_input_names
 from service.engine.kv_cache import (
     CacheShape,
     DecodeBatch,
@@ -21,6 +21,7 @@ from service.settings import Settings
 from tests.service.conftest import ServiceStore
 
 SHAPE = CacheShape(n_layers=2, n_heads=3, head_dim=4)
+NAMES = past_input_names("past", SHAPE.n_layers)
 BIG = 10_000  # a reservation that never caps the buffer
 
 
@@ -103,7 +104,7 @@ def test_inputs_pass_the_whole_buffer_and_a_mask_with_the_new_token() -> None:
     batch = DecodeBatch(SHAPE)
     batch.add(1, fake_cache(2, 0), limit=8)
     batch.add(2, fake_cache(3, 0), limit=8)
-    inputs = batch.inputs([11, 12], "past")
+    inputs = batch.inputs([11, 12], NAMES)
     assert inputs["input_ids"].tolist() == [[11], [12]]
     assert batch.capacity == 8
     assert inputs["attention_mask"].tolist() == [
@@ -118,19 +119,19 @@ def test_inputs_pass_the_whole_buffer_and_a_mask_with_the_new_token() -> None:
         assert view.base is batch.cache and view.flags.c_contiguous
         np.testing.assert_array_equal(view, batch.cache[i // 2, i % 2])
     with pytest.raises(ValueError, match="2 rows"):
-        batch.inputs([11], "past")
+        batch.inputs([11], NAMES)
 
 
 def test_prefill_inputs_pass_a_sequences_cache_per_layer_without_copying() -> None:
     cache = fake_cache(3, 0)
-    inputs = prefill_inputs([7, 8], cache, "past")
+    inputs = prefill_inputs([7, 8], cache, NAMES)
     assert inputs["input_ids"].tolist() == [[7, 8]]
     assert inputs["attention_mask"].tolist() == [[1] * 5]  # 3 cached + 2 new, all real
     assert list(inputs)[2:] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
     assert all(
         inputs[n].base is cache and inputs[n].shape == (1, 3, 3, 4) for n in list(inputs)[2:]
     )
-    first = prefill_inputs([7], SHAPE.empty(1), "past")  # the first chunk: an empty past
+    first = prefill_inputs([7], SHAPE.empty(1), NAMES)  # the first chunk: an empty past
     assert first["attention_mask"].shape == (1, 1) and first["past.1.value"].shape == (1, 3, 0, 4)
 
 
@@ -222,7 +223,7 @@ def prefill(model: LoadedModel, ids: list[int]) -> tuple[np.ndarray, np.ndarray]
     cache = model.manifest.signature.cache
     assert cache is not None
     shape = CacheShape.from_layout(cache)
-    out = model.backend.run(prefill_inputs(ids, shape.empty(1), cache.input))
+    out = model.backend.run(prefill_inputs(ids, shape.empty(1), cache.inputs))
     return out["logits"][0], out[cache.output]
 
 
@@ -242,7 +243,7 @@ def test_batched_decode_equals_each_sequence_alone(ali: LoadedModel) -> None:
 
     for step in range(2):  # the second step runs after the longest row left (shrunk buffer)
         tokens = [next_token[i] for i in batch.ids]
-        out = ali.backend.run(batch.inputs(tokens, layout.input))
+        out = ali.backend.run(batch.inputs(tokens, layout.inputs))
         batch.advance(out[layout.output])
         for row, seq_id in enumerate(batch.ids):
             logits, present = alone[seq_id]
