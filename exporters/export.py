@@ -79,10 +79,16 @@ class ExportResult:
     def summary(self) -> str:
         manifest = self.published.manifest
         size = sum(entry.size for entry in manifest.files.values())
+        if self.report.precision == "fp32":
+            bar = (
+                f"max|diff| {self.report.max_abs_diff:.2e} "
+                f"({self.report.worst_ratio:.2f} of the rule's bound)"
+            )
+        else:
+            bar = f"min cosine {self.report.min_cosine:.6f}"
         return (
             f"published {self.published.path} ({size / 1e6:.1f} MB, {manifest.precision}, "
-            f"max_context {manifest.max_context}): max|diff| {self.report.max_abs_diff:.2e}, "
-            f"min cosine {self.report.min_cosine:.6f}, {self.seconds:.1f} s"
+            f"max_context {manifest.max_context}): {bar}, {self.seconds:.1f} s"
         )
 
 
@@ -190,13 +196,15 @@ def _parity_report(report: Report) -> ParityReport:
                 batch=c.batch,
                 length=c.length,
                 max_abs_diff=c.max_abs_diff,
+                of_bound=None if reduced else round(c.worst_ratio(report.rule), 4),
                 cosine=min(1.0, c.cosine) if reduced else None,
                 argmax_agreement=c.argmax_agreement if reduced else None,
             )
             for c in report.cases
         ],
         max_abs_diff=report.max_abs_diff,
-        tolerance=report.tolerance,
+        tolerance=None if reduced else report.rule.rtol,
+        rule=report.rule_text,
         min_cosine=min(1.0, report.min_cosine),
         argmax_agreement=report.argmax_agreement,
         passed=report.passed,

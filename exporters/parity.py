@@ -1,14 +1,19 @@
-"""Exported-vs-eager parity: the same inputs through both, compared at a stated tolerance.
+"""Exported-vs-eager parity: the same inputs through both, compared by a stated rule.
 
-fp32 exports must match within ``FP32_TOLERANCE`` (max |diff| over logits, hidden states and the
-new cache entries returned, at real-token positions). Reduced-precision exports are compared
-with the fp32 eager model by cosine similarity of each position's logits and by argmax
-agreement, and are refused below ``MIN_COSINE``.
+fp32 exports are judged per output (logits, hidden states, the new cache entries) and per case by
+:data:`FP32_RULE`: the largest |exported - eager| over real-token positions must stay within a
+bound scaled by that output's own magnitude (its largest |eager| value there), so the bar follows
+the values being compared rather than one absolute number for every model and length. The rule
+and the measurements that chose it are in docs/decisions.md ("The fp32 parity rule").
+
+Reduced-precision exports are compared with the fp32 eager model by cosine similarity of each
+position's logits and by argmax agreement, and are refused below ``MIN_COSINE``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,9 +22,33 @@ from tqdm import tqdm
 
 from exporters.graphs import GraphSpec
 from exporters.runtime import Runner
+from model_store.manifest import NEW_ENTRIES_OUTPUT
 
-FP32_TOLERANCE = 1e-4
 MIN_COSINE = 0.99
+
+
+@dataclass(frozen=True)
+class Fp32Rule:
+    """``max|a - b| <= rtol * max|ref| + atol`` per output and case, over real positions.
+
+    ``rtol`` carries the rule (rounding error is relative to the size of the values summed);
+    ``atol`` only keeps an output that is all but zero from demanding an exact match.
+    """
+
+    rtol: float
+    atol: float
+
+    def bound(self, peak: float) -> float:
+        return self.rtol * peak + self.atol
+
+    def describe(self) -> str:
+        return (
+            f"per output: max|exported - eager| <= {self.rtol:.0e} * max|eager| + {self.atol:.0e}"
+            " over real positions"
+        )
+
+
+FP32_RULE = Fp32Rule(rtol=1e-5, atol=1e-6)
 
 
 class ParityError(RuntimeError):
@@ -30,14 +59,32 @@ class ParityError(RuntimeError):
         self.report = report
 
 
+CaseKind = Literal["full", "prefill", "decode"]
+
+
 @dataclass
 class Case:
-    """One comparison: ``lengths`` holds each row's real length (padding makes them differ)."""
+    """One comparison. ``kind``: a whole sequence, a kv-cache prefill from an empty past, or one
+    decode step on top of the eager model's prefill cache (built by :func:`_prepare_decode`)."""
 
     name: str
+    kind: CaseKind
     inputs: dict[str, np.ndarray]
     new_token_mask: np.ndarray  # (b, t) 1 where the output row is a real token
     cache_mask: np.ndarray | None = None  # (b, t) 1 where a returned new cache entry is real
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """One output of one case: the largest difference and the largest reference magnitude,
+    both over real positions."""
+
+    max_abs_diff: float
+    peak: float
+
+    def ratio(self, rule: Fp32Rule) -> float:
+        """How much of the rule's bound the difference uses (> 1 fails)."""
+        return self.max_abs_diff / rule.bound(self.peak)
 
 
 @dataclass
@@ -45,9 +92,16 @@ class CaseResult:
     batch: int
     length: int
     name: str
-    max_abs_diff: float
+    outputs: dict[str, OutputDiff]
     cosine: float
     argmax_agreement: float
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(o.max_abs_diff for o in self.outputs.values())
+
+    def worst_ratio(self, rule: Fp32Rule = FP32_RULE) -> float:
+        return max(o.ratio(rule) for o in self.outputs.values())
 
 
 @dataclass
@@ -56,10 +110,15 @@ class Report:
     precision: str
     lengths: list[int]
     cases: list[CaseResult] = field(default_factory=list)
+    rule: Fp32Rule = FP32_RULE
 
     @property
     def max_abs_diff(self) -> float:
         return max(c.max_abs_diff for c in self.cases)
+
+    @property
+    def worst_ratio(self) -> float:
+        return max(c.worst_ratio(self.rule) for c in self.cases)
 
     @property
     def min_cosine(self) -> float:
@@ -70,19 +129,27 @@ class Report:
         return min(c.argmax_agreement for c in self.cases)
 
     @property
-    def tolerance(self) -> float | None:
-        return FP32_TOLERANCE if self.precision == "fp32" else None
+    def rule_text(self) -> str:
+        if self.precision == "fp32":
+            return self.rule.describe()
+        return f"logits: mean cosine per case >= {MIN_COSINE} (argmax agreement reported)"
 
     @property
     def passed(self) -> bool:
         if self.precision == "fp32":
-            return self.max_abs_diff <= FP32_TOLERANCE
+            return self.worst_ratio <= 1.0
         return self.min_cosine >= MIN_COSINE
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         if self.precision == "fp32":
-            bar = f"max|diff| {self.max_abs_diff:.2e} (tolerance {FP32_TOLERANCE:.0e})"
+            worst = max(self.cases, key=lambda c: c.worst_ratio(self.rule))
+            name, diff = max(worst.outputs.items(), key=lambda kv: kv[1].ratio(self.rule))
+            bar = (
+                f"worst {worst.name} {name}: max|diff| {diff.max_abs_diff:.2e} against a bound "
+                f"of {self.rule.bound(diff.peak):.2e} (max|eager| {diff.peak:.3g}; "
+                f"{diff.ratio(self.rule):.2f} of the bound; rule: {self.rule.describe()})"
+            )
         else:
             bar = (
                 f"min cosine {self.min_cosine:.5f} (floor {MIN_COSINE}), "
@@ -124,7 +191,7 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
         ids = _ids(gen, vocab, len(row_lengths), total)
         mask = _padded_mask(row_lengths, total, left)
         if spec.mode != "kv_cache":
-            cases.append(Case(name, {"input_ids": ids, "attention_mask": mask}, mask))
+            cases.append(Case(name, "full", {"input_ids": ids, "attention_mask": mask}, mask))
             continue
         layers, _, _, heads, _, head_dim = spec.outputs[1][2]
         empty = np.zeros((layers, 2, len(row_lengths), heads, 0, head_dim), dtype=np.float32)
@@ -133,8 +200,8 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
             "attention_mask": mask,
             **past_inputs(empty, spec.input_names[2:]),
         }
-        cases.append(Case(f"{name}-prefill", inputs, mask, mask))
-        cases.append(Case(f"{name}-decode", dict(inputs), mask, mask))
+        cases.append(Case(f"{name}-prefill", "prefill", inputs, mask, mask))
+        cases.append(Case(f"{name}-decode", "decode", dict(inputs), mask, mask))
     return cases
 
 
@@ -176,18 +243,20 @@ def _prepare_decode(
     ones = np.ones((batch, 1), dtype=np.int64)
     mask = np.concatenate([past_mask, ones], axis=1)
     inputs = {"input_ids": ids, "attention_mask": mask, **past_inputs(past, spec.input_names[2:])}
-    return Case(case.name, inputs, ones, ones)
+    return Case(case.name, "decode", inputs, ones, ones)
 
 
-def _compare(ref: np.ndarray, out: np.ndarray, mask: np.ndarray, axis_of_tokens: int) -> float:
-    """Max |diff| over real positions; cache entries carry tokens on axis 4."""
-    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-    if axis_of_tokens == 1:  # (b, t, ...)
-        keep = mask.astype(bool)
-        return float(diff[keep].max()) if keep.any() else 0.0
-    # (layers, 2, b, h, t, e): bring (b, t) to the front.
-    moved = np.moveaxis(diff, (2, 4), (0, 1))
-    return float(moved[mask.astype(bool)].max())
+def _compare(ref: np.ndarray, out: np.ndarray, mask: np.ndarray, axis_of_tokens: int) -> OutputDiff:
+    """Max |diff| and max |ref| over real positions; cache entries carry tokens on axis 4."""
+    ref64 = ref.astype(np.float64)
+    diff = np.abs(ref64 - out.astype(np.float64))
+    keep = mask.astype(bool)
+    if axis_of_tokens != 1:  # (layers, 2, b, h, t, e): bring (b, t) to the front.
+        diff = np.moveaxis(diff, (2, 4), (0, 1))
+        ref64 = np.moveaxis(ref64, (2, 4), (0, 1))
+    if not keep.any():
+        return OutputDiff(0.0, 0.0)
+    return OutputDiff(float(diff[keep].max()), float(np.abs(ref64[keep]).max()))
 
 
 def _cosine_and_argmax(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -207,21 +276,26 @@ def run_parity(
     lengths: list[int],
     precision: str,
     progress: bool = True,
+    seed: int = 0,
 ) -> Report:
-    """``reference`` is the fp32 eager graph module (same wrapper as exported)."""
+    """``reference`` is the fp32 eager graph module (same wrapper as exported); ``seed`` draws
+    the case inputs."""
     report = Report(
         reference=f"eager fp32 PyTorch {torch.__version__} vs {runner.provider}",
         precision=precision,
         lengths=lengths,
+        rule=FP32_RULE,
     )
-    gen = np.random.default_rng(1)
-    for case in tqdm(build_cases(spec, config, lengths), desc="parity", disable=not progress):
-        if case.name.endswith("-decode"):
+    gen = np.random.default_rng(seed + 1)
+    bar = tqdm(build_cases(spec, config, lengths, seed), desc="parity", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        if case.kind == "decode":
             case = _prepare_decode(reference, spec, case, config.vocab_size, gen)  # type: ignore[attr-defined]
         with torch.no_grad():
             expected = [t.numpy() for t in reference(*_as_torch(case.inputs))]
         got = runner.run(case.inputs)
-        diffs = []
+        outputs: dict[str, OutputDiff] = {}
         for (name, _, _), ref in zip(spec.outputs, expected, strict=True):
             if ref.shape != got[name].shape:
                 raise ParityError(
@@ -229,19 +303,20 @@ def run_parity(
                     f"{case.name}: {name} has shape {got[name].shape} in the exported graph, "
                     f"{ref.shape} in the eager model",
                 )
-            is_cache = name == "new_key_values"
-            mask = case.cache_mask if is_cache else case.new_token_mask
-            diffs.append(_compare(ref, got[name], mask, 4 if is_cache else 1))
+            if name == NEW_ENTRIES_OUTPUT:
+                assert case.cache_mask is not None
+                outputs[name] = _compare(ref, got[name], case.cache_mask, 4)
+            else:
+                outputs[name] = _compare(ref, got[name], case.new_token_mask, 1)
         cosine, agree = _cosine_and_argmax(expected[0], got["logits"], case.new_token_mask)
-        batch = case.inputs["input_ids"].shape[0]
         report.cases.append(
             CaseResult(
-                batch,
-                int(case.inputs["attention_mask"].shape[1]),
-                case.name,
-                max(diffs),
-                cosine,
-                agree,
+                batch=case.inputs["input_ids"].shape[0],
+                length=int(case.inputs["attention_mask"].shape[1]),
+                name=case.name,
+                outputs=outputs,
+                cosine=cosine,
+                argmax_agreement=agree,
             )
         )
     return report
@@ -249,11 +324,12 @@ def run_parity(
 
 def format_report(report: Report) -> str:
     """The parity table the CLI prints, one line per case, then the verdict."""
-    lines = [f"{'case':<28}{'batch':>6}{'len':>7}{'max|diff|':>12}{'cosine':>10}{'argmax':>8}"]
+    header = f"{'case':<28}{'batch':>6}{'len':>7}{'max|diff|':>12}{'of bound':>10}"
+    lines = [f"{header}{'cosine':>10}{'argmax':>8}"]
     for c in report.cases:
         lines.append(
             f"{c.name:<28}{c.batch:>6}{c.length:>7}{c.max_abs_diff:>12.2e}"
-            f"{c.cosine:>10.6f}{c.argmax_agreement:>8.4f}"
+            f"{c.worst_ratio(report.rule):>10.3f}{c.cosine:>10.6f}{c.argmax_agreement:>8.4f}"
         )
     lines.append(report.summary())
     return "\n".join(lines)

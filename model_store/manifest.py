@@ -241,6 +241,9 @@ class ParityCase(_Frozen):
     batch: int = Field(ge=1)
     length: int = Field(ge=1)
     max_abs_diff: float = Field(ge=0)
+    of_bound: float | None = Field(
+        default=None, ge=0, description="fp32: the worst output's share of the rule's bound"
+    )
     cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
     argmax_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -250,7 +253,10 @@ class ParityReport(_Frozen):
     lengths: list[int] = Field(min_length=1)
     cases: list[ParityCase]
     max_abs_diff: float = Field(ge=0, description="worst case over all cases")
-    tolerance: float | None = Field(default=None, gt=0, description="fp32 pass threshold")
+    tolerance: float | None = Field(
+        default=None, gt=0, description="fp32: the rule's relative tolerance (see rule)"
+    )
+    rule: str | None = Field(default=None, description="the pass rule, as text")
     min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
     argmax_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
     passed: bool

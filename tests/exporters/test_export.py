@@ -82,6 +82,9 @@ def test_round_trip_through_the_store_matches_eager(store, tiny_checkpoint, arch
     ckpt = load_checkpoint(tiny_checkpoint(arch))
     assert manifest.architecture == arch and manifest.format == fmt
     assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.parity.rule == parity_module.FP32_RULE.describe()
+    assert manifest.parity.tolerance == parity_module.FP32_RULE.rtol
+    assert all(c.of_bound is not None and c.of_bound <= 1 for c in manifest.parity.cases)
     lengths = parity_lengths(ckpt, manifest.max_context)
     assert manifest.parity.lengths == lengths
     long = 2 * ckpt.trained_context if arch == "alibi" else 4096
@@ -231,8 +234,8 @@ def test_bf16_torchscript_passes_the_cosine_floor(tmp_path, tiny_checkpoint) -> 
 
 
 def test_failed_parity_publishes_nothing(tmp_path, tiny_checkpoint, monkeypatch) -> None:
-    # ORT's kernels differ from eager by ~1e-7: a 1e-12 tolerance must fail.
-    monkeypatch.setattr(parity_module, "FP32_TOLERANCE", 1e-12)
+    # ORT's kernels differ from eager by ~1e-7 of the values: a 1e-12 relative bound must fail.
+    monkeypatch.setattr(parity_module, "FP32_RULE", parity_module.Fp32Rule(rtol=1e-12, atol=1e-15))
     with pytest.raises(ParityError, match="nothing was published") as exc:
         _export(tiny_checkpoint("linformer"), tmp_path, "onnx")
     assert not exc.value.report.passed
