@@ -39,11 +39,37 @@ def test_tiny_training_writes_a_loadable_checkpoint(arch, tiny_checkpoint) -> No
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
-    from exporters.training import train
+    """Same preset, steps and seed: byte-identical weights and tokenizer, whatever the caller's
+    thread count (training fixes its own)."""
+    from exporters.training import TRAIN_THREADS, train
 
     r1 = train("alibi", "tiny", tmp_path / "a", steps=3, seed=7, progress=False)
-    r2 = train("alibi", "tiny", tmp_path / "b", steps=3, seed=7, progress=False)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r2 = train("alibi", "tiny", tmp_path / "b", steps=3, seed=7, progress=False)
+        assert torch.get_num_threads() == 1  # restored after training
+    finally:
+        torch.set_num_threads(saved)
     assert r1["held_out_loss"] == r2["held_out_loss"]
+    assert r1["torch_threads"] == r2["torch_threads"] == TRAIN_THREADS
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    r3 = train("alibi", "tiny", tmp_path / "c", steps=3, seed=8, progress=False)
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != (
+        tmp_path / "a" / "model.safetensors"
+    ).read_bytes()
+    assert r3["steps"] == 3
+
+
+def test_the_learning_rate_depends_on_the_step_alone() -> None:
+    from exporters.training import lr_schedule
+
+    lr_at = lr_schedule(1e-3, 100)
+    assert lr_at(0) == pytest.approx(1e-4)  # warm-up over the first 10 steps
+    assert lr_at(9) == pytest.approx(1e-3)
+    assert lr_at(99) == pytest.approx(1e-4)  # cosine down to 10% at the last step
+    assert [lr_at(s) for s in range(100)] == [lr_at(s) for s in range(100)]
 
 
 def _copy(src: Path, dst: Path) -> Path:
