@@ -91,7 +91,11 @@ def load_checkpoint(ckpt_dir: Path) -> Checkpoint:
         raise CheckpointError(f"{ckpt_dir / CONFIG_FILE}: invalid config: {exc}") from exc
 
     model = build_model(config)
-    state = load_file(str(ckpt_dir / WEIGHTS_FILE))
+    try:
+        state = load_file(str(ckpt_dir / WEIGHTS_FILE))
+        tokenizer = Tokenizer.from_file(str(ckpt_dir / TOKENIZER_FILE))
+    except Exception as exc:  # safetensors and tokenizers raise their own exception types
+        raise CheckpointError(f"{ckpt_dir}: cannot read the weights or tokenizer: {exc}") from exc
     check_state_dict(model, state, str(ckpt_dir / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -105,7 +109,7 @@ def load_checkpoint(ckpt_dir: Path) -> Checkpoint:
         architecture=architecture,
         config=config,
         model=model,
-        tokenizer=Tokenizer.from_file(str(ckpt_dir / TOKENIZER_FILE)),
+        tokenizer=tokenizer,
         trained_context=trained_context,
         extra=extra,
     )

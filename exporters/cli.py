@@ -8,8 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-from model_store.errors import ModelStoreError
+from typing import NoReturn
 
 ARCH_NAMES = ("linformer", "reformer", "alibi", "shatter")
 # The keys of exporters.importers.IMPORTERS, spelled out so --help does not import torch.
@@ -31,7 +30,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from exporters.export import ExportRequest, export
-    from exporters.formats import ExportError
     from exporters.parity import ParityError, format_report
 
     request = ExportRequest(
@@ -46,12 +44,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         result = export(request)
     except ParityError as exc:
-        print(format_report(exc.report))
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ExportError as exc:
-        print(f"error: export failed: {exc}", file=sys.stderr)
-        return 1
+        print(format_report(exc.report))  # the table says where; main() prints the one line
+        raise
     print(format_report(result.report))
     print(result.summary())
     return 0
@@ -59,10 +53,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_demo_store(args: argparse.Namespace) -> int:
     from exporters.demo_store import build_demo_store
+    from exporters.parity import ParityError, format_report
     from model_store import ModelRepository
 
     started = time.perf_counter()
-    timings = build_demo_store(args.checkpoints, args.store, print, preset=args.preset)
+    try:
+        timings = build_demo_store(args.checkpoints, args.store, print, preset=args.preset)
+    except ParityError as exc:
+        print(format_report(exc.report))  # the table says where; main() prints the one line
+        raise
     results = ModelRepository(args.store).verify_all()
     bad = [f"{name}/{version}" for (name, version), result in results.items() if not result.ok]
     for step, seconds in timings.items():
@@ -91,9 +90,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what was wrong and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m exporters", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure as well"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a demo or tiny model and write a checkpoint")
     p.add_argument("--arch", choices=ARCH_NAMES, required=True)
@@ -143,7 +152,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=Path("models"))
     p.add_argument("--preset", choices=("tiny", "demo"), default="demo")
     p.set_defaults(func=_cmd_demo_store)
+    for command in sub.choices.values():  # --debug also after the command's name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
+
+
+def _failure(exc: BaseException) -> tuple[str, str, int] | None:
+    """(what failed, what to do, exit code) for the failures a user can meet; None for a bug."""
+    from exporters.checkpoint import CheckpointError
+    from exporters.formats import ExportError
+    from exporters.importers.source import UnsupportedCheckpointError
+    from exporters.parity import ParityError
+    from model_store.errors import ManifestError, ModelStoreError, PublishError
+
+    if isinstance(exc, ParityError):
+        return str(exc), "the table above shows which case and output differ", 1
+    if isinstance(exc, ExportError):
+        return f"export failed: {exc}", "run again with --debug for the exporter's traceback", 1
+    if isinstance(exc, UnsupportedCheckpointError):
+        return str(exc), "that option cannot be reproduced; see the README's import section", 2
+    if isinstance(exc, CheckpointError):
+        return str(exc), "pass a directory written by 'train' or 'import'", 2
+    if isinstance(exc, ManifestError | PublishError):
+        return str(exc), "check the store with 'python -m model_store verify STORE'", 2
+    if isinstance(exc, ModelStoreError):
+        return str(exc), "check the store path and the model name", 2
+    if isinstance(exc, FileExistsError):
+        return str(exc), "choose another output or remove the existing one", 2
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return str(exc), "check the path", 2
+    if isinstance(exc, PermissionError):
+        return str(exc), "check the file's permissions", 2
+    if isinstance(exc, OSError):
+        return f"cannot read or write a file: {exc}", "check the path and free disk space", 2
+    if isinstance(exc, ValueError):
+        return str(exc), "check the arguments (--help)", 2
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, ModelStoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        known = _failure(exc)
+        if known is None or args.debug:
+            raise
+        what, todo, code = known
+        print(f"error: {' '.join(what.split())}; {todo}", file=sys.stderr)
+        return code

@@ -10,8 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from model_store.errors import ManifestError, ModelNotFoundError, StoreNotFoundError
+from model_store.errors import (
+    ManifestError,
+    ModelNotFoundError,
+    ModelStoreError,
+    StoreNotFoundError,
+)
 from model_store.manifest import Manifest
 from model_store.repository import ModelRepository, VerificationResult
 
@@ -124,9 +130,16 @@ def _cmd_verify(repo: ModelRepository, args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if n_bad else EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what was wrong and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m model_store", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command, func, help_text in (
         ("list", _cmd_list, "table of every model version in the store"),
         ("verify", _cmd_verify, "re-hash every file against its manifest"),
@@ -144,5 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         repo = ModelRepository(args.store)
         return int(args.func(repo, args))
     except (StoreNotFoundError, ModelNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}; check the store path and the model name", file=sys.stderr)
+        return EXIT_USAGE
+    except (ModelStoreError, OSError) as exc:
+        print(f"error: {exc}; check the store's files and permissions", file=sys.stderr)
         return EXIT_USAGE
