@@ -42,7 +42,7 @@ DTYPES = (
     "float32",
     "float64",
 )
-# The model file each format is stored under (DESIGN.md: model.onnx (+ .data) | model.ts).
+# The model file each format is stored under (docs/architecture.md, "model_store").
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
 Architecture = Literal["linformer", "reformer", "alibi", "shatter"]
