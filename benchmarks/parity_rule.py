@@ -39,9 +39,10 @@ LENGTHS = (16, 64, 256, 1024, 4096)
 def checkpoint(arch: str, fraction: float, demo_checkpoints: Path, log: Any) -> Path:
     steps = max(1, round(get_preset(arch, "demo").steps * fraction))
     demo = demo_checkpoints / arch
-    if fraction == 1.0 and (demo / REPORT_FILE).is_file():
-        if json.loads((demo / REPORT_FILE).read_text())["steps"] == steps:
-            return demo
+    demo_report = demo / REPORT_FILE
+    demo_steps = json.loads(demo_report.read_text())["steps"] if demo_report.is_file() else None
+    if fraction == 1.0 and demo_steps == steps:
+        return demo
     out = SCRATCH / "parity" / f"{arch}-{round(fraction * 100)}pct"
     if not (out / REPORT_FILE).is_file():
         log(f"training {arch} for {steps} steps ({fraction:.0%} of the demo)")
@@ -50,9 +51,7 @@ def checkpoint(arch: str, fraction: float, demo_checkpoints: Path, log: Any) -> 
     return out
 
 
-def measure(
-    ckpt_dir: Path, fmt: str, seeds: list[int], lengths: list[int]
-) -> list[dict[str, Any]]:
+def measure(ckpt_dir: Path, fmt: str, seeds: list[int], lengths: list[int]) -> list[dict[str, Any]]:
     ckpt = _exportable(load_checkpoint(ckpt_dir))
     spec = graph_spec(ckpt.config.task, ckpt.config)
     limit = ckpt.config.max_positions
@@ -130,7 +129,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 rows = measure(ckpt, fmt, seeds, lengths)
                 results.append({"arch": arch, "fraction": fraction, "format": fmt, "rows": rows})
-                log(summarise(results[-1:]).splitlines()[1] + f"  [{time.perf_counter() - t0:.0f} s]")
+                seconds = time.perf_counter() - t0
+                log(f"{summarise(results[-1:]).splitlines()[1]}  [{seconds:.0f} s]")
     write_json(
         args.out,
         {

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from exporters import __version__
-from exporters.architectures import build_model, config_to_dict
+from exporters.architectures import build_model, config_to_dict, get_architecture
 from exporters.checkpoint import TOKENIZER_FILE, Checkpoint, directory_sha256, load_checkpoint
 from exporters.formats import (
     ONNX_OPSET,
@@ -98,7 +98,7 @@ def _max_context(
     config = ckpt.config
     hard = config.max_positions
     extrapolation = None
-    if ckpt.architecture == "alibi":
+    if get_architecture(ckpt.architecture).extrapolates:
         from exporters.extrapolation import RULE, measure
 
         lengths, losses, ratios, chosen = measure(
@@ -124,10 +124,10 @@ def _max_context(
 
 
 def _exportable(ckpt: Checkpoint) -> Checkpoint:
-    """Reformer's chunked feed-forward freezes the sequence axis when exported; the unchunked
-    feed-forward computes the same function, so export that with the same weights."""
-    if getattr(ckpt.config, "ff_chunk_size", 0):
-        config = dataclasses.replace(ckpt.config, ff_chunk_size=0)
+    """The checkpoint with the config its architecture exports (the same function, export-safe
+    settings) and the same weights."""
+    config = get_architecture(ckpt.architecture).export_config(ckpt.config)
+    if config != ckpt.config:
         model = build_model(config)
         model.load_state_dict(ckpt.model.state_dict())
         ckpt = dataclasses.replace(ckpt, config=config, model=model.eval())
@@ -135,9 +135,10 @@ def _exportable(ckpt: Checkpoint) -> Checkpoint:
 
 
 def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
-    """Short, trained and long: 2x trained (and max_context) for ALiBi, >= 4096 for the others."""
+    """Short, trained and long: 2x trained (and max_context) for a model that extrapolates
+    (ALiBi), >= 4096 for the others."""
     trained = ckpt.trained_context
-    if ckpt.architecture == "alibi":
+    if get_architecture(ckpt.architecture).extrapolates:
         long = {2 * trained, max_context}
     else:
         long = {
@@ -211,6 +212,41 @@ def _parity_report(report: Report) -> ParityReport:
     )
 
 
+def build_manifest(
+    request: ExportRequest,
+    ckpt: Checkpoint,
+    spec: GraphSpec,
+    report: Report,
+    max_context: int,
+    extrapolation: ExtrapolationReport | None,
+    model_file: str,
+) -> Manifest:
+    """The manifest of a graph that passed parity; ``publish`` fills in version and checksums."""
+    return Manifest(
+        name=request.name,
+        version=request.version or UNASSIGNED_VERSION,
+        architecture=ckpt.architecture,  # type: ignore[arg-type]
+        task=ckpt.config.task,
+        format=request.format,  # type: ignore[arg-type]
+        precision=request.precision,  # type: ignore[arg-type]
+        max_context=max_context,
+        trained_context=ckpt.trained_context,
+        config=config_to_dict(ckpt.config),
+        signature=_signature(spec, "float32"),
+        parity=_parity_report(report),
+        provenance=Provenance(
+            source_checkpoint=str(Path(request.checkpoint).resolve()),
+            source_checkpoint_sha256=directory_sha256(request.checkpoint),
+            exporter_version=__version__,
+            created_at=datetime.now(UTC),
+            torch_version=torch.__version__,
+            onnx_opset=ONNX_OPSET if request.format == "onnx" else None,
+        ),
+        extrapolation=extrapolation,
+        model_file=model_file,
+    )
+
+
 def _write_graph(
     ckpt: Checkpoint, spec: GraphSpec, request: ExportRequest, staging: Path
 ) -> tuple[Path, Runner]:
@@ -270,28 +306,8 @@ def export(request: ExportRequest) -> ExportResult:
         if not report.passed:
             raise ParityError(report, f"{request.name}: {report.summary()}; nothing was published")
 
-        manifest = Manifest(
-            name=request.name,
-            version=request.version or UNASSIGNED_VERSION,
-            architecture=ckpt.architecture,  # type: ignore[arg-type]
-            task=ckpt.config.task,
-            format=request.format,  # type: ignore[arg-type]
-            precision=request.precision,  # type: ignore[arg-type]
-            max_context=max_context,
-            trained_context=ckpt.trained_context,
-            config=config_to_dict(ckpt.config),
-            signature=_signature(spec, "float32"),
-            parity=_parity_report(report),
-            provenance=Provenance(
-                source_checkpoint=str(Path(request.checkpoint).resolve()),
-                source_checkpoint_sha256=directory_sha256(request.checkpoint),
-                exporter_version=__version__,
-                created_at=datetime.now(UTC),
-                torch_version=torch.__version__,
-                onnx_opset=ONNX_OPSET if request.format == "onnx" else None,
-            ),
-            extrapolation=extrapolation,
-            model_file=model_path.name,
+        manifest = build_manifest(
+            request, ckpt, spec, report, max_context, extrapolation, model_path.name
         )
         published = repo.publish(staging, manifest)
     return ExportResult(published=published, report=report, seconds=time.perf_counter() - started)

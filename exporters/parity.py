@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from exporters.graphs import GraphSpec
 from exporters.runtime import Runner
+from model_store import past_inputs
 from model_store.manifest import NEW_ENTRIES_OUTPUT
 
 MIN_COSINE = 0.99
@@ -203,16 +204,6 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
         cases.append(Case(f"{name}-prefill", "prefill", inputs, mask, mask))
         cases.append(Case(f"{name}-decode", "decode", dict(inputs), mask, mask))
     return cases
-
-
-def past_inputs(cache: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """A stacked cache (L, 2, b, h, P, e) as a graph's per-layer past inputs ``names`` (the
-    spec's inputs after input_ids and attention_mask, or a manifest's ``cache.inputs``), in
-    graph order: ``past_key_values.{l}.key`` = cache[l, 0], ``.value`` = cache[l, 1] (views)."""
-    layers = cache.shape[0]
-    if len(names) != 2 * layers:
-        raise ValueError(f"{len(names)} past inputs for a cache of {layers} layers")
-    return {name: cache[i // 2, i % 2] for i, name in enumerate(names)}
 
 
 def _as_torch(inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:

@@ -28,6 +28,7 @@ from model_store.manifest import (
     Provenance,
     TensorSpec,
     past_input_names,
+    past_inputs,
 )
 from model_store.repository import (
     FileMismatch,
@@ -64,5 +65,6 @@ __all__ = [
     "VersionExistsError",
     "VersionNotFoundError",
     "past_input_names",
+    "past_inputs",
     "sha256_file",
 ]

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,7 +42,7 @@ DTYPES = (
     "float32",
     "float64",
 )
-# The model file each format is stored under (DESIGN.md: model.onnx (+ .data) | model.ts).
+# The model file each format is stored under (docs/architecture.md, "model_store").
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
 Architecture = Literal["linformer", "reformer", "alibi", "shatter"]
@@ -118,6 +118,30 @@ def past_input_names(prefix: str, n_layers: int) -> list[str]:
     """The 2L past inputs, layer-major, key before value: ``{prefix}.{l}.key``,
     ``{prefix}.{l}.value`` (docs/contracts.md)."""
     return [f"{prefix}.{layer}.{kv}" for layer in range(n_layers) for kv in ("key", "value")]
+
+
+class StackedCache(Protocol):
+    """An (L, 2, b, h, P, e) array (numpy or torch): all :func:`past_inputs` needs of it."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    def __getitem__(self, index: tuple[int, int], /) -> Any: ...
+
+
+def past_inputs(cache: StackedCache, names: Sequence[str]) -> dict[str, Any]:
+    """A stacked cache (L, 2, b, h, P, e) as a ``kv_cache`` graph's per-layer past inputs,
+    ``names`` in graph order (:func:`past_input_names`, a layout's ``inputs``):
+    ``{prefix}.{l}.key`` = cache[l, 0], ``{prefix}.{l}.value`` = cache[l, 1].
+
+    Views, not copies: for a C-contiguous cache each is one contiguous block, which ONNX
+    Runtime's Python binding and ``torch.from_numpy`` read in place (docs/decisions.md,
+    "One past input per layer", has the measurement).
+    """
+    layers = cache.shape[0]
+    if len(names) != 2 * layers:
+        raise ValueError(f"{len(names)} past inputs for a cache of {layers} layers")
+    return {name: cache[i // 2, i % 2] for i, name in enumerate(names)}
 
 
 class CacheLayout(_Frozen):

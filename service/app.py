@@ -11,29 +11,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from model_store import ModelRepository
 from service import __version__
-from service.api import embeddings, encode, errors, health, models
+from service.api import embeddings, encode, errors, generate, health, models
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.engine.registry import ModelRegistry, parse_model_spec
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def generation_router() -> APIRouter | None:
-    """The generation routes once service/api/generate.py exists (written separately)."""
-    try:
-        from service.api.generate import router  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.api.generate":
-            raise
-        return None
-    generate_router: APIRouter = router
-    return generate_router
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,10 +40,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if "generate" not in registry.factories:
-            log.warning(
-                "service/engine/generation.py is not available: generate models are not served"
-            )
         loading = asyncio.create_task(registry.start(specs), name="load-models")
         try:
             yield
@@ -69,10 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     errors.install(app)
-    routers = [encode.router, embeddings.router, models.router, models.admin_router, health.router]
-    generate = generation_router()
-    if generate is not None:
-        routers.append(generate)
+    routers = [
+        encode.router,
+        embeddings.router,
+        generate.router,
+        models.router,
+        models.admin_router,
+        health.router,
+    ]
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]

@@ -1,4 +1,4 @@
-"""The one module that owns Prometheus objects (DESIGN.md, "Metrics").
+"""The one module that owns Prometheus objects (docs/architecture.md, "Metrics").
 
 Everything else reports plain numbers through :class:`Metrics` methods, so the engine and the
 backends never import prometheus_client. Each app gets its own registry, which keeps tests that

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         description="bearer keys for load/unload; empty = admin routes disabled",
     )
 
-    # Encode batching (DESIGN.md, "Batching").
+    # Encode batching (docs/architecture.md, "Batching").
     batch_cost_budget: float = Field(
         default=4.0e6,
         gt=0,

@@ -1,8 +1,10 @@
-"""Registry of Longhaul architectures: name -> (config class, model class)."""
+"""Registry of Longhaul architectures: name -> config class, model class, and what the exporter
+must know about each (how its ``max_context`` is chosen, which config it traces)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -13,15 +15,31 @@ from exporters.architectures.reformer import ReformerConfig, ReformerModel
 from exporters.architectures.shatter import ShatterConfig, ShatterEncoder
 
 
+def _same_config(config: Any) -> Any:
+    return config
+
+
+def _unchunked_feed_forward(config: ReformerConfig) -> ReformerConfig:
+    """The Reformer's chunked feed-forward cannot be exported with a dynamic sequence axis; the
+    unchunked one computes the same function with the same weights."""
+    return dataclasses.replace(config, ff_chunk_size=0)
+
+
 class Architecture(NamedTuple):
     config_class: type
     model_class: type[nn.Module]
+    # True: max_context is measured (held-out loss at multiples of the trained length) because
+    # the model extrapolates past its training length; False: the position table bounds it, or
+    # else the longest length parity verified.
+    extrapolates: bool = False
+    # The config the exporter traces: the same function as the checkpoint's, export-safe.
+    export_config: Callable[[Any], Any] = _same_config
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "linformer": Architecture(LinformerConfig, LinformerEncoder),
-    "reformer": Architecture(ReformerConfig, ReformerModel),
-    "alibi": Architecture(AlibiConfig, AlibiLM),
+    "reformer": Architecture(ReformerConfig, ReformerModel, export_config=_unchunked_feed_forward),
+    "alibi": Architecture(AlibiConfig, AlibiLM, extrapolates=True),
     "shatter": Architecture(ShatterConfig, ShatterEncoder),
 }
 

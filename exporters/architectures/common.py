@@ -35,14 +35,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Special tokens, in this id order, at the start of every Longhaul vocabulary.
-PAD_TOKEN = "<pad>"
-EOS_TOKEN = "<eos>"
-MASK_TOKEN = "<mask>"
-CLS_TOKEN = "<cls>"
-SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MASK_TOKEN, CLS_TOKEN)
-PAD_ID, EOS_ID, MASK_ID, CLS_ID = range(len(SPECIAL_TOKENS))
-
+# The special tokens at the start of every Longhaul vocabulary, defined once for both halves;
+# the architectures, tokenizer and training import them from here.
+from model_store.tokens import (  # noqa: F401
+    CLS_ID,
+    CLS_TOKEN,
+    EOS_ID,
+    EOS_TOKEN,
+    MASK_ID,
+    MASK_TOKEN,
+    PAD_ID,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+)
 
 # One layer's past cache: (key, value), each (b, h, P, e). Kept apart per layer (not one stacked
 # tensor) so a graph runtime without views (ONNX Runtime) need not split, i.e. copy, the cache.

@@ -16,8 +16,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
 async def embeddings(body: EmbeddingRequest, request: Request, registry: Registry) -> JSONResponse:
     if body.dimensions is not None:
-        width = int(registry.get(body.model).loaded.manifest.config.get("d_model", 0))
-        if body.dimensions != width:
+        # None: a graph without embeddings (a decoder); encode_with answers wrong_task.
+        width = registry.get(body.model).loaded.hidden_size
+        if width is not None and body.dimensions != width:
             raise ApiError(
                 400, f"model {body.model!r} produces {width}-dimensional embeddings; "
                 f"dimensions={body.dimensions} is not supported", code="invalid_dimensions",

@@ -33,8 +33,9 @@ class TorchScriptBackend(Backend):
         self.device = choose_device(torch.cuda.is_available())
         try:
             with warnings.catch_warnings():
-                # TorchScript is a format this store publishes on purpose (DESIGN.md); torch's
-                # deprecation notice would only add a warning per model load to the server log.
+                # TorchScript is a format this store publishes on purpose
+                # (docs/architecture.md); torch's deprecation notice would only add a warning
+                # per model load to the server log.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.module = torch.jit.load(str(model_path), map_location=self.device).eval()
         except Exception as exc:  # torch raises RuntimeError or its own C++ errors

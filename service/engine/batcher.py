@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model_store.tokens import PAD_ID
 from service.engine.cost import CostFunction, batch_cost, cost_function
 from service.engine.encoding import EncodeOutput, EncodeParams, Pooling, combine, pool, prepare
 from service.engine.errors import EngineStopped, QueueFull
@@ -39,7 +40,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0  # contracts.md: <pad> is id 0 in every Longhaul vocabulary
 WARMUP_TEXT = "def warm_up(): return 42"
 
 

@@ -1,4 +1,4 @@
-"""Attention cost per sequence, per architecture (DESIGN.md, "Batching").
+"""Attention cost per sequence, per architecture (docs/architecture.md, "Batching").
 
 Units are "attention score computations per layer per head", up to a constant: only ratios
 matter, because the batcher compares ``batch_size × cost(padded length)`` with

@@ -55,6 +55,10 @@ from typing import Literal
 
 import numpy as np
 
+# The ids of Longhaul's own vocabularies, unless the manifest config names others
+# (``eos_token_id``/``pad_token_id``, e.g. an imported BLOOM). Documents in the training data are
+# separated by <eos>, so it also serves as the "start of document" an empty prompt conditions on.
+from model_store.tokens import EOS_ID, PAD_ID
 from service.engine.cost import attends_whole_past, prefill_chunk_limit
 from service.engine.errors import (
     ContextLengthExceeded,
@@ -70,13 +74,6 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# docs/contracts.md: every Longhaul vocabulary starts <pad>=0, <eos>=1. A manifest config that
-# names other ids (``eos_token_id``/``pad_token_id``, e.g. an imported BLOOM) takes precedence.
-# Documents in the training data are separated by <eos>, so it also serves as the "start of
-# document" an empty prompt conditions on.
-PAD_ID = 0
-EOS_ID = 1
 
 FinishReason = Literal["length", "stop"]
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_store.manifest import CacheLayout
+from model_store.manifest import CacheLayout, past_inputs
 
 FLOAT32_BYTES = 4
 # Growth policy of the decode buffer: room for 1/16 more tokens than needed, in whole blocks of
@@ -128,20 +128,6 @@ def prefill_inputs(
         "attention_mask": np.ones((1, total), np.int64),
         **past_inputs(cache, names),
     }
-
-
-def past_inputs(cache: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """A stacked cache (L, 2, b, h, P, e) as a ``kv_cache`` graph's per-layer past inputs,
-    ``names`` in graph order (the layout's ``inputs``: ``{prefix}.{l}.key`` = cache[l, 0],
-    ``{prefix}.{l}.value`` = cache[l, 1]).
-
-    Views, not copies: for a C-contiguous cache each is one contiguous block, which ONNX
-    Runtime's Python binding and ``torch.from_numpy`` read in place (docs/decisions.md,
-    "one past input per layer", has the measurement).
-    """
-    if len(names) != 2 * cache.shape[0]:
-        raise ValueError(f"{len(names)} past input names for a cache of {cache.shape[0]} layers")
-    return {name: cache[i // 2, i % 2] for i, name in enumerate(names)}
 
 
 class DecodeBatch:

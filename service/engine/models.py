@@ -7,7 +7,7 @@ neither touches the disk; both receive a :class:`LoadedModel`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
@@ -33,9 +33,25 @@ class LoadedModel:
     manifest: Manifest
     tokenizer: Tokenizer
     backend: Backend
+    #: Width of the graph's ``hidden`` output (the embedding width), read once at load; None
+    #: for graphs without one (kv_cache decoders). Not the config's d_model: a Reformer that
+    #: concatenates its streams is 2·d_model wide (docs/contracts.md).
+    hidden_size: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hidden_size = hidden_size(self.manifest)
 
     def close(self) -> None:
         self.backend.close()
+
+
+def hidden_size(manifest: Manifest) -> int | None:
+    """The last axis of the graph's ``hidden`` output, when it has one and it is static."""
+    try:
+        width = manifest.signature.output("hidden").shape[-1]
+    except KeyError:
+        return None
+    return width if isinstance(width, int) else None
 
 
 def resolve_version(repo: ModelRepository, name: str, version: int | None) -> ModelVersion:

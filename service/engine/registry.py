@@ -9,8 +9,7 @@ already queued, then the backend is closed. A load that fails at any step leaves
 serving and raises.
 
 Engines by task: ``encode`` -> :class:`~service.engine.batcher.EncodeBatcher`; ``generate`` ->
-``service.engine.generation.GenerationEngine`` (written separately; while that module does not
-exist, generate models are skipped with a log line).
+:class:`~service.engine.generation.GenerationEngine`.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from typing import Protocol
 from model_store import ModelRepository
 from service.engine.batcher import EncodeBatcher
 from service.engine.errors import EngineError, ModelLoadError, ModelNotFound, ModelNotReady
+from service.engine.generation import GenerationEngine
 from service.engine.models import LoadedModel, load_model, resolve_version
 from service.metrics import Metrics
 from service.settings import Settings
@@ -52,24 +52,8 @@ class Engine(Protocol):
 EngineFactory = Callable[[LoadedModel, Settings, Metrics], Engine]
 
 
-def generation_engine_factory() -> EngineFactory | None:
-    """The generation engine if its module exists; any other import failure is a real bug."""
-    try:
-        from service.engine.generation import GenerationEngine  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.engine.generation":
-            raise
-        return None
-    factory: EngineFactory = GenerationEngine
-    return factory
-
-
 def default_engine_factories() -> dict[str, EngineFactory]:
-    factories: dict[str, EngineFactory] = {"encode": EncodeBatcher}
-    generation = generation_engine_factory()
-    if generation is not None:
-        factories["generate"] = generation
-    return factories
+    return {"encode": EncodeBatcher, "generate": GenerationEngine}
 
 
 @dataclass
@@ -220,10 +204,8 @@ class ModelRegistry:
             factory = self.factories.get(resolved.manifest.task)
             if factory is None:
                 raise ModelLoadError(
-                    name, resolved.version,
-                    f"no engine for task {resolved.manifest.task!r} in this build "
-                    f"(service/engine/generation.py is not available)",
-                )  # fmt: skip
+                    name, resolved.version, f"no engine for task {resolved.manifest.task!r}"
+                )
             loaded = await asyncio.to_thread(
                 load_model, self.repo, name, resolved.version, self.settings
             )

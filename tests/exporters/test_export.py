@@ -17,9 +17,9 @@ from exporters.cli import main as exporters_main
 from exporters.export import ExportRequest, export, parity_lengths
 from exporters.formats import FrozenAxisError, check_dynamic_axes, export_onnx
 from exporters.graphs import graph_spec, wrap
-from exporters.parity import ParityError, past_inputs
+from exporters.parity import ParityError
 from exporters.runtime import OnnxRunner, TorchScriptRunner
-from model_store import ModelRepository
+from model_store import ModelRepository, past_inputs
 from model_store.cli import main as store_main
 
 ARCHS = ("linformer", "reformer", "alibi", "shatter")

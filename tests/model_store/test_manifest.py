@@ -7,10 +7,18 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from model_store import SCHEMA_VERSION, Manifest, ManifestError, Provenance, past_input_names
+from model_store import (
+    SCHEMA_VERSION,
+    Manifest,
+    ManifestError,
+    Provenance,
+    past_input_names,
+    past_inputs,
+)
 from model_store import manifest as manifest_module
 from tests.model_store.builders import (
     make_manifest,
@@ -257,3 +265,17 @@ def test_older_schema_without_migration_is_an_error(tmp_path: Path) -> None:
     path.write_text(json.dumps(manifest_document(schema_version=0)))
     with pytest.raises(ManifestError, match="no migration from schema_version 0"):
         Manifest.load(path)
+
+
+def test_past_inputs_are_per_layer_views_in_graph_order() -> None:
+    cache = np.arange(3 * 2 * 1 * 2 * 4 * 5, dtype=np.float32).reshape(3, 2, 1, 2, 4, 5)
+    names = past_input_names("past_key_values", 3)
+    inputs = past_inputs(cache, names)
+    assert list(inputs) == names
+    for layer in range(3):
+        for kv, suffix in enumerate(("key", "value")):
+            view = inputs[f"past_key_values.{layer}.{suffix}"]
+            assert np.shares_memory(view, cache) and view.flags.c_contiguous
+            np.testing.assert_array_equal(view, cache[layer, kv])
+    with pytest.raises(ValueError, match="4 past inputs for a cache of 3 layers"):
+        past_inputs(cache, names[:4])

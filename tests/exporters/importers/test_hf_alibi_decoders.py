@@ -19,9 +19,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from exporters.importers import import_checkpoint
-from exporters.parity import past_inputs
 from exporters.runtime import OnnxRunner
-from model_store import ModelVersion
+from model_store import ModelVersion, past_inputs
 from tests.exporters.importers.conftest import (
     Imported,
     left_padded,

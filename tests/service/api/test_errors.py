@@ -241,16 +241,21 @@ class NullEngine:
 
 
 @pytest.mark.parametrize(
-    ("route", "field"), [("/v1/encode", "inputs"), ("/v1/embeddings", "input")]
+    ("route", "body"),
+    [
+        ("/v1/encode", {"inputs": "x"}),
+        ("/v1/embeddings", {"input": "x"}),
+        ("/v1/embeddings", {"input": "x", "dimensions": 8}),  # a decoder has no embedding width
+    ],
 )
 def test_encoding_a_generate_model_is_400_wrong_task(
-    service_store: ServiceStore, route: str, field: str
+    service_store: ServiceStore, route: str, body: dict[str, object]
 ) -> None:
     app = create_app(make_settings(service_store.root, models=["ali"]))
     app.state.registry.factories = {"encode": EncodeBatcher, "generate": NullEngine}
     with TestClient(app) as test_client:
         wait_ready(test_client)
-        error = error_of(test_client.post(route, json={"model": "ali", field: "x"}), 400)
+        error = error_of(test_client.post(route, json={"model": "ali", **body}), 400)
     assert error["code"] == "wrong_task" and "generate model" in error["message"]
 
 

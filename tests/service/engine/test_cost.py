@@ -1,4 +1,4 @@
-"""Cost functions: the asymptotics DESIGN.md states, per architecture."""
+"""Cost functions: the asymptotics docs/architecture.md states, per architecture."""
 
 from __future__ import annotations
 

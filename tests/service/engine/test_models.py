@@ -24,6 +24,15 @@ def test_loads_a_verified_version(service_store: ServiceStore) -> None:
     assert (loaded.name, loaded.version, loaded.manifest.task) == ("lin", 1, "encode")
     assert isinstance(loaded.backend, OnnxBackend)
     assert loaded.tokenizer.encode("x").ids[0] == 3
+    assert loaded.hidden_size == loaded.manifest.signature.output("hidden").shape[-1] == 32
+
+
+def test_a_kv_cache_decoder_has_no_embedding_width(service_store: ServiceStore) -> None:
+    loaded = load_model(
+        ModelRepository(service_store.root), "ali", None, Settings(store=service_store.root)
+    )
+    assert loaded.manifest.signature.generation_mode == "kv_cache"
+    assert loaded.hidden_size is None
 
 
 def test_checksum_mismatch_names_the_file(store_copy: ServiceStore) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from service.engine.errors import (
     ModelNotReady,
     ModelVerificationError,
 )
+from service.engine.generation import GenerationEngine
 from service.engine.registry import (
     ModelRegistry,
     default_engine_factories,
-    generation_engine_factory,
     parse_model_spec,
 )
 from service.metrics import Metrics
@@ -208,21 +207,12 @@ def test_concurrent_loads_of_one_name_are_serialised(service_store: ServiceStore
     assert peak == 1
 
 
-def test_generate_model_without_a_generation_engine_is_not_served(
-    service_store: ServiceStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "service.engine.generation", None)  # import -> ModuleNotFound
-    assert generation_engine_factory() is None
+def test_a_task_without_an_engine_is_refused_at_load(service_store: ServiceStore) -> None:
     registry = registry_for(service_store.root)
-    registry.factories = default_engine_factories()
-    assert "generate" not in registry.factories
+    registry.factories = {"encode": EncodeBatcher}
     with pytest.raises(ModelLoadError, match="no engine for task 'generate'"):
         run(registry.load("ali"))
 
 
-def test_generation_engine_is_used_once_it_exists() -> None:
-    try:
-        import service.engine.generation as generation
-    except ModuleNotFoundError:
-        pytest.skip("service/engine/generation.py is not written yet")
-    assert default_engine_factories()["generate"] is generation.GenerationEngine
+def test_each_task_has_its_engine() -> None:
+    assert default_engine_factories() == {"encode": EncodeBatcher, "generate": GenerationEngine}
