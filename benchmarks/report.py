@@ -495,6 +495,57 @@ def _backends_md(section: dict[str, Any], images: list[str], img_rel: str) -> li
     return lines
 
 
+def _serving_table(servers: dict[str, list[dict[str, Any]]], concurrencies: list[int]) -> list[str]:
+    two = any(r.get("generate") for rows in servers.values() for r in rows)
+    head = (
+        "| concurrency | server | req/s | tokens/s | p50 ms | p99 ms | padding ratio | mean batch "
+        "| CPU s server / client |"
+        + (" generate tokens/s | generate p99 ms |" if two else "")
+        + " errors |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for i, c in enumerate(concurrencies):
+        for label, rows in servers.items():
+            if i >= len(rows):
+                continue
+            r = rows[i]
+            gen = r.get("generate") or {}
+            errors = sum(r["errors"].values()) + sum((gen.get("errors") or {}).values())
+            lines.append(
+                f"| {c} | {label} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                f"{_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {_num(r.get('padding_ratio'))} | "
+                f"{_num(r.get('mean_batch_size'), 1)} | {_num(r.get('server_cpu_s'), 1)} / "
+                f"{_num(r.get('client_cpu_s'), 1)} |"
+                + (
+                    f" {_num(gen.get('tokens_per_s'), 0)} | {_ms(gen.get('p99_s'))} |"
+                    if two
+                    else ""
+                )
+                + f" {errors or ''} |"
+            )
+    return lines
+
+
+def _calibration_md(section: dict[str, Any]) -> list[str]:
+    """One line per served model: what its warm-up measured (from /v1/models)."""
+    lines = []
+    for label, models in (section.get("calibration") or {}).items():
+        for model, info in (models or {}).items():
+            batching = info.get("batching")
+            if not batching:
+                continue
+            c = batching["coefficients"]
+            shapes = ", ".join(f"{s['batch']}×{s['length']}" for s in batching["samples"])
+            lines.append(
+                f"- {label} / `{model}` ({info.get('threads')} threads): {batching['source']} "
+                f"in {batching['seconds_spent']:.1f} s — fixed {c['fixed'] * 1e3:.2f} ms, per "
+                f"sequence {c['per_sequence'] * 1e3:.3f} ms, per token {c['per_token'] * 1e6:.1f} "
+                f"µs, per attention unit {c['per_attention']:.3g} s; max relative error "
+                f"{_num(batching.get('max_relative_error'))} over {shapes or 'no shapes'}."
+            )
+    return lines
+
+
 def _serving_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
     plan, settings = section["plan"], section["longhaul_settings"]
     tokens = section["request_tokens"]
@@ -503,80 +554,104 @@ def _serving_md(section: dict[str, Any], images: list[str], img_rel: str) -> lis
         "",
         f"One {plan['arch']} encoder (section 2's size, random weights) exported and published "
         "with the real exporter into a scratch store and served by `python -m service` "
-        "(defaults: batch cost budget "
+        f"(defaults: batch policy `{settings.get('batch_policy', 'deadline')}`, calibration "
+        f"{settings.get('calibration_seconds', 0):g} s, batch cost budget "
         f"{settings['batch_cost_budget']:g}, max batch {settings['max_batch_size']}, max wait "
-        f"{settings['max_wait_ms']:g} ms); the peer is `benchmarks/naive_server.py` — FastAPI + "
-        "eager fp32 PyTorch on the same checkpoint, one request per forward, a plain `def` "
-        "route in FastAPI's thread pool, same tokenizer, mean pooling and normalisation.",
+        f"{settings['max_wait_ms']:g} ms, thread budget {settings.get('thread_budget', '–')}). "
+        "Controls, same model and process settings otherwise: **batching off** "
+        "(`LONGHAUL_MAX_BATCH_SIZE=1`) and **old batching** (`LONGHAUL_BATCH_POLICY=deadline`: "
+        "a batch grows to the cost budget by closest length and waits up to max wait when not "
+        "full, the rule before the throughput policy). The peer is `benchmarks/naive_server.py` "
+        "— FastAPI + eager fp32 PyTorch on the same checkpoint, one request per forward, a "
+        "plain `def` route in FastAPI's thread pool, same tokenizer, mean pooling and "
+        "normalisation.",
         "",
         f"Load: closed loop, each of c clients sends its next request when the previous "
         f"answered, until {plan['max_requests']} requests or {plan['max_seconds']:.0f} s per "
         f"level and server; {len(tokens)} request texts cut from held-out stdlib sources, "
         f"{min(tokens)}–{max(tokens)} tokens (median {sorted(tokens)[len(tokens) // 2]}), "
         "one text per request. Servers alternate level by level, so drifting background load "
-        "hits both alike. The load generator shares the cores with the servers (loopback only). "
-        "Padding ratio and mean batch size come from Longhaul's `/metrics` (difference over the "
-        "level).",
+        "hits all alike; they are started one after another, so no warm-up calibration is "
+        "timed while another server loads. The load generator shares the cores with the "
+        "servers (loopback only). Padding ratio and mean batch size come from Longhaul's "
+        "`/metrics` (difference over the level).",
         "",
     ]
     for p in section["published"]:
         lines.append(f"- `{p['name']}`: {p['format']} {p['precision']}; {p['parity']}.")
     lines += [""] + [f"![serving]({img_rel}/{name})" for name in images] + [""]
-    lines += [
-        "| concurrency | server | req/s | tokens/s | p50 ms | p99 ms | padding ratio | mean "
-        "batch | CPU s server / client | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, c in enumerate(plan["concurrencies"]):
-        for label, rows in section["servers"].items():
-            if i >= len(rows):
-                continue
-            r = rows[i]
-            lines.append(
-                f"| {c} | {label} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                f"{_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {_num(r.get('padding_ratio'))} | "
-                f"{_num(r.get('mean_batch_size'), 1)} | {_num(r.get('server_cpu_s'), 1)} / "
-                f"{_num(r.get('client_cpu_s'), 1)} | {sum(r['errors'].values()) or ''} |"
-            )
-    return [*lines, "", *_serving_findings(section)]
+    lines += _serving_table(section["servers"], plan["concurrencies"])
+    lines += ["", *_serving_findings(section["servers"], plan["concurrencies"])]
+    if section.get("two_models"):
+        lines += [
+            "### Two models loaded and under load at once",
+            "",
+            "One Longhaul process serves the encoder and `decoder` (section 4's random BLOOM, "
+            "imported with `python -m exporters import hf-bloom`); at each level c clients "
+            f"encode while {plan.get('generate_clients')} closed-loop clients generate "
+            f"{plan.get('generate_tokens')} greedy tokens each (non-streaming `/v1/generate`). "
+            "The two models share the thread budget (each gets budget // 2 intra-op threads); "
+            "`threads unshared` gives each model every core, as the runtimes do by default.",
+            "",
+            *_serving_table(section["two_models"], plan["concurrencies"]),
+            "",
+            *_serving_findings(section["two_models"], plan["concurrencies"]),
+        ]
+    calibration = _calibration_md(section)
+    if calibration:
+        lines += [
+            "Batch time models measured at warm-up (`/v1/models` → `batching`; the fit "
+            "t = fixed + per_sequence·b + per_token·b·n + per_attention·b·cost(n)):",
+            "",
+            *calibration,
+            "",
+        ]
+    return lines
 
 
-def _serving_findings(section: dict[str, Any]) -> list[str]:
-    servers = section["servers"]
+def _serving_findings(
+    servers: dict[str, list[dict[str, Any]]], concurrencies: list[int]
+) -> list[str]:
     labels = list(servers)
     default = labels[0]
     naive = next((k for k in labels if k.startswith("naive")), None)
-    control = next((k for k in labels if k.endswith("max batch 1")), None)
+    # "max batch 1" is how earlier result files named batching off.
+    off = next((k for k in labels if k.endswith((", batching off", "max batch 1"))), None)
+    old = next((k for k in labels if k.endswith(", old batching")), None)
+    unshared = next((k for k in labels if k.endswith(", threads unshared")), None)
     lines = ["What this run shows:", ""]
-    for i, c in enumerate(section["plan"]["concurrencies"]):
+    for i, c in enumerate(concurrencies):
         row = servers[default][i]
         parts = []
-        if naive:
-            other = servers[naive][i]
-            parts.append(
-                f"{row['requests_per_s'] / other['requests_per_s']:.2f}× the naive server's "
-                f"throughput at {row['p99_s'] / other['p99_s']:.2f}× its p99"
+        for name, other_label in (
+            ("batching off", off), ("old batching", old), ("threads unshared", unshared),
+            ("the naive server", naive),
+        ):  # fmt: skip
+            if other_label is None or i >= len(servers[other_label]):
+                continue
+            other = servers[other_label][i]
+            part = (
+                f"{row['requests_per_s'] / other['requests_per_s']:.2f}× {name}'s throughput "
+                f"at {row['p99_s'] / other['p99_s']:.2f}× its p99"
             )
-        if control:
-            ctl = servers[control][i]
-            parts.append(
-                f"{row['requests_per_s'] / ctl['requests_per_s']:.2f}× its own throughput with "
-                f"batching off (padding ratio {_num(row.get('padding_ratio'))}, mean batch "
-                f"{_num(row.get('mean_batch_size'), 1)})"
-            )
-        lines.append(f"- c = {c}: {default} did " + "; ".join(parts) + ".")
-    if control:
-        batched = [servers[default][i]["requests_per_s"] for i in range(len(servers[default]))]
-        unbatched = [servers[control][i]["requests_per_s"] for i in range(len(servers[control]))]
-        if max(batched[1:], default=0) < max(unbatched[1:], default=0):
-            lines.append(
-                "- Batching did not pay on this CPU: a single request of a few hundred tokens "
-                "already gives the GEMMs enough rows to keep both cores busy, so a bigger batch "
-                "adds little efficiency while its padding (sequences of different lengths "
-                "padded to the longest) adds work. Reported to the service owners as a tuning "
-                "question for CPU deployments (a padding limit when a batch grows, or a "
-                "smaller CPU default for `LONGHAUL_MAX_BATCH_SIZE`)."
-            )
+            gen, other_gen = row.get("generate"), other.get("generate")
+            if gen and other_gen and other_gen.get("tokens_per_s"):
+                part += f" (generate {gen['tokens_per_s'] / other_gen['tokens_per_s']:.2f}×)"
+            parts.append(part)
+        lines.append(
+            f"- c = {c}: {default} (padding ratio {_num(row.get('padding_ratio'))}, mean batch "
+            f"{_num(row.get('mean_batch_size'), 1)}) did " + "; ".join(parts) + "."
+        )
+    if off and old:
+        worst = min(
+            servers[default][i]["requests_per_s"]
+            / max(servers[off][i]["requests_per_s"], servers[old][i]["requests_per_s"])
+            for i in range(len(servers[default]))
+        )
+        lines.append(
+            f"- Against the better of batching off and old batching at each level, the default's "
+            f"lowest throughput ratio is {worst:.2f}×."
+        )
     return [*lines, ""]
 
 
@@ -865,11 +940,12 @@ def summary_table(data: dict[str, Any]) -> str:
         out.append(f"  CPU default: {b['choice'].get('path')}")
     if "serving" in s:
         out.append("\nserving /v1/encode: req/s (p99 ms) by concurrency")
-        for label, rows in s["serving"]["servers"].items():
+        serving = s["serving"]
+        for label, rows in {**serving["servers"], **serving.get("two_models", {})}.items():
             cells = "  ".join(
                 f"c{r['concurrency']} {r['requests_per_s']:.1f} ({_ms(r['p99_s'])})" for r in rows
             )
-            out.append(f"  {label:<34} {cells}")
+            out.append(f"  {label:<44} {cells}")
     if "generation" in s:
         g = s["generation"]
         if g.get("skipped"):

@@ -7,10 +7,20 @@ checkpoint is served by ``benchmarks/naive_server.py``. A closed-loop load gener
 (``loadgen.py``) then sends the same request mix at each concurrency, alternating between the
 servers level by level so that background load drifts hit all of them alike.
 
-Longhaul variants: the CPU default chosen in section 2 (format + precision) and, when that is
-not fp32, ONNX fp32 too, which separates what batching buys from what precision buys.
-Padding ratio and batch size come from Longhaul's own ``/metrics`` (difference before/after
-each level).
+Longhaul variants: the CPU default chosen in section 2 (format + precision) with the default
+settings, the same model with batching off (``LONGHAUL_MAX_BATCH_SIZE=1``) and with the earlier
+deadline batching (``LONGHAUL_BATCH_POLICY=deadline``), and, when the default is not fp32 (full
+runs), ONNX fp32 too, which separates what batching buys from what precision buys. Padding
+ratio and batch size come from Longhaul's own ``/metrics`` (difference before/after each level).
+
+Two models at once: one Longhaul process serves the encoder and a decoder (a random BLOOM
+imported with ``exporters import hf-bloom``, section 4's model); each level runs c encode clients
+and a few generate clients at the same time, for the same batching variants, plus one whose two
+models each take every core (``LONGHAUL_INTRA_OP_THREADS`` = cores, the runtimes' own default)
+instead of sharing the thread budget.
+
+Servers are started one after another, each waiting for the previous to be ready, so that the
+warm-up calibration of one is not timed while another loads.
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +42,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import cpu_seconds, free_port, server_process
-from benchmarks.loadgen import run_load, wait_ready
+from benchmarks.loadgen import LoadResult, run_load, wait_ready
 from benchmarks.models import REALISTIC, arch_config, build
 
-DEFAULT_SERVING = ("onnx", "fp32")  # the exporter's current default, used if section 2 did not run
+# The exporter's default (exporters/precision.py), served when section 2 did not run.
+DEFAULT_SERVING = ("onnx", "int8")
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class ServingPlan:
     n_max: int
     with_fp32_variant: bool
     with_unbatched_control: bool  # also Longhaul with LONGHAUL_MAX_BATCH_SIZE=1
+    with_two_models: bool = True  # the encoder + a decoder in one process, loaded at once
+    generate_clients: int = 2  # closed-loop generate clients beside each encode level
+    generate_tokens: int = 32  # max_new_tokens per generate request (greedy)
 
 
 def plan(quick: bool) -> ServingPlan:
@@ -215,12 +230,23 @@ class Target:
         return f"http://127.0.0.1:{self.port}"
 
 
+#: Batching variants of one model: (label suffix, settings). The default comes first.
+BATCHING_VARIANTS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("", {}),
+    (", batching off", {"LONGHAUL_MAX_BATCH_SIZE": "1"}),
+    (", old batching", {"LONGHAUL_BATCH_POLICY": "deadline"}),
+)
+OFF_SUFFIX = ", batching off"
+OLD_SUFFIX = ", old batching"
+
+
 def _targets(
     p: ServingPlan, store: Path, ckpt: Path, variants: list[tuple[str, str]]
 ) -> list[Target]:
-    """A Longhaul process per variant, Longhaul's default model with batching off (the control
-    that shows what batching itself does on this CPU), and the naive server."""
-    quiet = {"LONGHAUL_LOG_LEVEL": "warning"}
+    """A Longhaul process per variant, Longhaul's default model with batching off and with the
+    earlier deadline batching (the controls that show what the batching policy does on this
+    machine), and the naive server."""
+    quiet = {"LONGHAUL_LOG_LEVEL": "info"}  # the start-up log records the calibration
     targets = [
         Target(
             label,
@@ -234,16 +260,17 @@ def _targets(
     ]
     if p.with_unbatched_control:
         label, name = variants[0]
-        targets.append(
-            Target(
-                f"{label}, max batch 1",
-                name,
-                ["-m", "service", "--store", str(store)],
-                {**quiet, "LONGHAUL_MODELS": f'["{name}"]', "LONGHAUL_MAX_BATCH_SIZE": "1"},
-                "/health/ready",
-                True,
+        for suffix, env in BATCHING_VARIANTS[1:]:
+            targets.append(
+                Target(
+                    f"{label}{suffix}",
+                    name,
+                    ["-m", "service", "--store", str(store)],
+                    {**quiet, "LONGHAUL_MODELS": f'["{name}"]', **env},
+                    "/health/ready",
+                    True,
+                )
             )
-        )
     targets.append(
         Target(
             "naive eager-fp32",
@@ -258,6 +285,117 @@ def _targets(
         target.port = free_port()
         target.cmd = [sys.executable, *target.cmd, "--port", str(target.port)]
     return targets
+
+
+def _start_one_by_one(
+    stack: contextlib.ExitStack, targets: list[Target], workdir: Path, tag: str
+) -> list[subprocess.Popen[bytes]]:
+    """Start each server and wait until it is ready before starting the next: a warm-up
+    calibration timed while another server loads would measure the other server too."""
+    procs = []
+    for i, target in enumerate(targets):
+        proc = stack.enter_context(
+            server_process(target.cmd, target.env, workdir / f"server-{tag}{i}.log")
+        )
+        wait_ready(target.base_url + target.ready_path, 600, lambda proc=proc: proc.poll() is None)
+        procs.append(proc)
+    return procs
+
+
+def _calibration(target: Target) -> dict[str, Any] | None:
+    """What the server reports about its batch time model and threads (/v1/models)."""
+    if not target.longhaul:
+        return None
+    cards = httpx.get(f"{target.base_url}/v1/models", timeout=10).json()["data"]
+    return {c["id"]: {"threads": c.get("threads"), "batching": c.get("batching")} for c in cards}
+
+
+def _encode_row(
+    target: Target,
+    proc: subprocess.Popen[bytes],
+    bodies: list[tuple[str, int]],
+    c: int,
+    p: ServingPlan,
+    side_load: Callable[[], Coroutine[Any, Any, LoadResult]] | None = None,
+) -> dict[str, Any]:
+    """One level: c closed-loop encode clients (and, with ``side_load``, generate clients at
+    the same time); throughput, latency, CPU seconds and Longhaul's batch metrics."""
+    payload = [({"model": target.model, "inputs": t}, n) for t, n in bodies]
+    before = scrape(target.base_url) if target.longhaul else {}
+    # CPU seconds of the server and of this (load generator) process: on 2 shared cores the
+    # client's own cost is part of the picture.
+    server_cpu, client_cpu = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
+
+    async def both() -> tuple[LoadResult, LoadResult | None]:
+        encode = run_load(f"{target.base_url}/v1/encode", payload, c, p.max_requests, p.max_seconds)
+        if side_load is None:
+            return await encode, None
+        done = await asyncio.gather(encode, side_load())
+        return done[0], done[1]
+
+    load, side = asyncio.run(both())
+    row = load.summary()
+    row["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu, 2)
+    row["client_cpu_s"] = round(cpu_seconds(os.getpid()) - client_cpu, 2)
+    if target.longhaul:
+        after = scrape(target.base_url)
+        row["padding_ratio"] = _mean(after, before, "longhaul_batch_padding_ratio")
+        row["mean_batch_size"] = _mean(after, before, "longhaul_batch_size")
+        row["mean_queue_s"] = _mean(after, before, "longhaul_queue_duration_seconds")
+        row["inference_s"] = _sum(after, before, "longhaul_inference_duration_seconds")
+    if side is not None:
+        summary = side.summary()
+        row["generate"] = {
+            k: summary[k] for k in ("ok", "requests_per_s", "tokens_per_s", "p50_s", "p99_s")
+        } | {"errors": summary["errors"]}
+    return row
+
+
+def _log_row(log: Callable[[str], None], c: int, label: str, row: dict[str, Any]) -> None:
+    gen = row.get("generate")
+    log(
+        f"  c={c:<3} {label:<44}{row['requests_per_s']:7.1f} req/s  "
+        f"p50 {row['p50_s'] * 1e3:6.0f} ms  p99 {row['p99_s'] * 1e3:6.0f} ms"
+        + (
+            f"  padding {row['padding_ratio']:.2f} batch {row['mean_batch_size']:.1f}"
+            if row.get("padding_ratio") is not None
+            else ""
+        )
+        + (f"  generate {gen['tokens_per_s']:.0f} tok/s" if gen else "")
+        + (f"  errors {row['errors']}" if row["errors"] else "")
+    )
+
+
+def _two_model_targets(p: ServingPlan, store: Path, encoder: str, decoder: str) -> list[Target]:
+    cores = str(len(os.sched_getaffinity(0)))
+    variants = [
+        *BATCHING_VARIANTS,
+        (", threads unshared", {"LONGHAUL_INTRA_OP_THREADS": cores}),
+    ]
+    targets = []
+    for suffix, env in variants:
+        target = Target(
+            f"longhaul 2 models{suffix}",
+            encoder,
+            [sys.executable, "-m", "service", "--store", str(store)],
+            {"LONGHAUL_LOG_LEVEL": "info", "LONGHAUL_MODELS": f'["{encoder}", "{decoder}"]', **env},
+            "/health/ready",
+            True,
+            port=free_port(),
+        )
+        target.cmd = [*target.cmd, "--port", str(target.port)]
+        targets.append(target)
+    return targets
+
+
+def publish_decoder(workdir: Path, store: Path, fmt: str, precision: str) -> dict[str, Any]:
+    """Section 4's random BLOOM, imported and exported into the serving store as "decoder"."""
+    from benchmarks.generation_vs_hf import make_bloom
+
+    _, ckpt = make_bloom(workdir, trained_context=256)
+    if (store / "decoder").is_dir():
+        shutil.rmtree(store / "decoder")
+    return publish(ckpt, store, "decoder", fmt, precision)
 
 
 def run(
@@ -279,54 +417,60 @@ def run(
             shutil.rmtree(store / name)  # a stale scratch version from an earlier run
         published.append(publish(ckpt, store, name, f, prec))
         log(f"  published {name} ({f} {prec}) in {published[-1]['export_s']} s")
+    from benchmarks.generation_vs_hf import available
+
+    missing = available() if p.with_two_models else None
+    if missing:
+        log(f"  two models at once: skipped ({missing})")
+    two = p.with_two_models and not missing
+    if two:
+        published.append(publish_decoder(workdir, store, fmt, precision))
+        log(f"  published decoder ({fmt} {precision}) in {published[-1]['export_s']} s")
 
     bodies = request_bodies(ckpt, p)
     targets = _targets(p, store, ckpt, [(label, name) for label, name, _, _ in exports])
     results: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
+    calibration: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        procs = [
-            stack.enter_context(server_process(t.cmd, t.env, workdir / f"server-{i}.log"))
-            for i, t in enumerate(targets)
-        ]
-        for target, proc in zip(targets, procs, strict=True):
-            wait_ready(
-                target.base_url + target.ready_path, 300, lambda proc=proc: proc.poll() is None
-            )
+        procs = _start_one_by_one(stack, targets, workdir, "")
         for target in targets:  # warm-up, not measured: first requests allocate and JIT
+            calibration[target.label] = _calibration(target)
             warm = [({"model": target.model, "inputs": t}, n) for t, n in bodies[:16]]
             asyncio.run(run_load(f"{target.base_url}/v1/encode", warm, 4, 16, 60))
         for c in p.concurrencies:
             for target, proc in zip(targets, procs, strict=True):
-                payload = [({"model": target.model, "inputs": t}, n) for t, n in bodies]
-                before = scrape(target.base_url) if target.longhaul else {}
-                # CPU seconds of the server and of this (load generator) process: on 2 shared
-                # cores the client's own cost is part of the picture.
-                server_cpu, client_cpu = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
-                load = asyncio.run(
-                    run_load(
-                        f"{target.base_url}/v1/encode", payload, c, p.max_requests, p.max_seconds
-                    )
-                )
-                row = load.summary()
-                row["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu, 2)
-                row["client_cpu_s"] = round(cpu_seconds(os.getpid()) - client_cpu, 2)
-                if target.longhaul:
-                    after = scrape(target.base_url)
-                    row["padding_ratio"] = _mean(after, before, "longhaul_batch_padding_ratio")
-                    row["mean_batch_size"] = _mean(after, before, "longhaul_batch_size")
-                    row["mean_queue_s"] = _mean(after, before, "longhaul_queue_duration_seconds")
-                    row["inference_s"] = _sum(after, before, "longhaul_inference_duration_seconds")
-                results[target.label].append(row)
-                log(
-                    f"  c={c:<3} {target.label:<34}{row['requests_per_s']:7.1f} req/s  "
-                    f"p50 {row['p50_s'] * 1e3:6.0f} ms  p99 {row['p99_s'] * 1e3:6.0f} ms"
-                    + (
-                        f"  padding {row['padding_ratio']:.2f} batch {row['mean_batch_size']:.1f}"
-                        if row.get("padding_ratio") is not None
-                        else ""
-                    )
-                    + (f"  errors {row['errors']}" if row["errors"] else "")
-                )
+                results[target.label].append(row := _encode_row(target, proc, bodies, c, p))
+                _log_row(log, c, target.label, row)
+
+    two_models: dict[str, list[dict[str, Any]]] = {}
+    if two:
+        from benchmarks.generation_vs_hf import prompts
+
+        texts = prompts(workdir / "hf-bloom" / "tokenizer.json", 16, 64)
+        generate = [
+            ({"model": "decoder", "prompt": t, "max_new_tokens": p.generate_tokens,
+              "temperature": 0}, p.generate_tokens)
+            for t in texts
+        ]  # fmt: skip
+        pair = _two_model_targets(p, store, "encoder-default", "decoder")
+        two_models = {t.label: [] for t in pair}
+        with contextlib.ExitStack() as stack:
+            procs = _start_one_by_one(stack, pair, workdir, "pair-")
+            for target in pair:
+                calibration[target.label] = _calibration(target)
+                warm = [({"model": target.model, "inputs": t}, n) for t, n in bodies[:16]]
+                asyncio.run(run_load(f"{target.base_url}/v1/encode", warm, 4, 16, 60))
+            for c in p.concurrencies:
+                for target, proc in zip(pair, procs, strict=True):
+                    url = f"{target.base_url}/v1/generate"
+
+                    def side(url: str = url) -> Coroutine[Any, Any, LoadResult]:
+                        # Bounded by time like the encode side (request count is not the limit).
+                        return run_load(url, generate, p.generate_clients, 10**6, p.max_seconds)
+
+                    row = _encode_row(target, proc, bodies, c, p, side)
+                    two_models[target.label].append(row)
+                    _log_row(log, c, target.label, row)
     from service.settings import Settings
 
     defaults = Settings()
@@ -336,11 +480,16 @@ def run(
         "published": published,
         "request_tokens": [n for _, n in bodies],
         "longhaul_settings": {
+            "batch_policy": defaults.batch_policy,
             "batch_cost_budget": defaults.batch_cost_budget,
             "max_batch_size": defaults.max_batch_size,
             "max_wait_ms": defaults.max_wait_ms,
+            "calibration_seconds": defaults.calibration_seconds,
+            "thread_budget": defaults.thread_budget or len(os.sched_getaffinity(0)),
             "max_queue_requests": defaults.max_queue_requests,
         },
         "servers": results,
+        "two_models": two_models,
+        "calibration": calibration,
         "load_generator": "closed loop, httpx AsyncClient in the benchmark process (same cores)",
     }

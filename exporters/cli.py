@@ -48,6 +48,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise
     print(format_report(result.report))
     print(result.summary())
+    print(f"precision {result.published.manifest.precision}: "
+          f"{result.published.manifest.precision_reason}")  # fmt: skip
     return 0
 
 
@@ -118,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, required=True, help="model store root")
     p.add_argument("--name", required=True, help="model name in the store, e.g. alibi-demo")
     p.add_argument("--version", type=int, default=None, help="default: next free version")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        default="auto",
+        help="auto (default): the fastest precision within the parity floor for the format "
+        "(ONNX int8, else fp32; TorchScript fp32), see exporters/precision.py",
+    )
     p.add_argument(
         "--max-context",
         type=int,

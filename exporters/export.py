@@ -32,6 +32,7 @@ from exporters.formats import (
 )
 from exporters.graphs import GraphSpec, graph_spec, wrap
 from exporters.parity import ParityError, Report, run_parity
+from exporters.precision import AUTO, REQUESTED, export_auto
 from exporters.runtime import OnnxRunner, Runner, TorchScriptRunner
 from model_store import Manifest, ModelRepository, ModelVersion
 from model_store.manifest import (
@@ -64,10 +65,11 @@ class ExportRequest:
     store: Path
     name: str
     format: str
-    precision: str = "fp32"
+    precision: str = "fp32"  # or "auto": exporters.precision chooses (the CLI's default)
     version: int | None = None
     max_context: int | None = None  # override; recorded in the manifest
     progress: bool = True
+    precision_reason: str | None = None  # recorded in the manifest; set by exporters.precision
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ def build_manifest(
         task=ckpt.config.task,
         format=request.format,  # type: ignore[arg-type]
         precision=request.precision,  # type: ignore[arg-type]
+        precision_reason=request.precision_reason or REQUESTED,
         max_context=max_context,
         trained_context=ckpt.trained_context,
         config=config_to_dict(ckpt.config),
@@ -270,6 +273,8 @@ def _write_graph(
 
 
 def export(request: ExportRequest) -> ExportResult:
+    if request.precision == AUTO:
+        return export_auto(request)
     started = time.perf_counter()
     if request.format not in SUPPORTED_PRECISIONS:
         raise ValueError(f"unknown format {request.format!r}; expected onnx or torchscript")

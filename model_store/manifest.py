@@ -332,6 +332,9 @@ class Manifest(_Frozen):
     task: Task
     format: Format
     precision: Precision
+    precision_reason: str | None = Field(
+        default=None, description="why this precision: the exporter's default, or requested"
+    )
     max_context: int = Field(ge=1, description="hard limit in tokens, enforced by the service")
     trained_context: int = Field(ge=1)
     config: dict[str, Any] = Field(description="the architecture config as saved")

@@ -107,6 +107,19 @@ class Metrics:
         self.kv_cache_bytes = Gauge(
             PREFIX + "kv_cache_bytes", "KV cache bytes in use", ["model"], registry=r
         )
+        self.batch_time_coefficient = Gauge(
+            PREFIX + "batch_time_coefficient",
+            "Encode batch time model: seconds per unit of each term (fixed, per_sequence, "
+            "per_token, per_attention); source measured or architecture",
+            ["model", "term", "source"],
+            registry=r,
+        )
+        self.calibration_duration = Gauge(
+            PREFIX + "calibration_duration_seconds",
+            "Warm-up time spent timing batch shapes",
+            ["model"],
+            registry=r,
+        )
 
     # Plain-number reporting API used by the api and engine layers.
 
@@ -164,10 +177,27 @@ class Metrics:
         self.remove_model(model)
         self.model_info.labels(model, str(version), architecture, fmt, precision, provider).set(1)
 
+    def set_batch_time_model(
+        self, model: str, source: str, coefficients: dict[str, float], seconds: float
+    ) -> None:
+        self._remove_labelled(self.batch_time_coefficient, model)
+        for term, value in coefficients.items():
+            self.batch_time_coefficient.labels(model, term, source).set(value)
+        self.calibration_duration.labels(model).set(seconds)
+
     def remove_model(self, model: str) -> None:
         for labels in list(self._model_info_labels()):
             if labels[0] == model:
                 self.model_info.remove(*labels)
+        self._remove_labelled(self.batch_time_coefficient, model)
+        self._remove_labelled(self.calibration_duration, model)
+
+    @staticmethod
+    def _remove_labelled(gauge: Gauge, model: str) -> None:
+        for family in gauge.collect():
+            for labels in {tuple(s.labels.values()) for s in family.samples}:
+                if labels[0] == model:
+                    gauge.remove(*labels)
 
     def _model_info_labels(self) -> list[tuple[str, ...]]:
         return [tuple(s.labels.values()) for m in self.model_info.collect() for s in m.samples]

@@ -5,7 +5,9 @@ Never read at import time: tests and embedders build ``Settings(...)`` explicitl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,7 +38,13 @@ class Settings(BaseSettings):
         description="bearer keys for load/unload; empty = admin routes disabled",
     )
 
-    # Encode batching (docs/architecture.md, "Batching").
+    # Encode batching (docs/architecture.md, "Batching"; service/engine/batcher.py).
+    batch_policy: Literal["throughput", "deadline"] = Field(
+        default="throughput",
+        description="throughput: the worker takes what is queued the moment it is free, the "
+        "batch that maximises predicted real tokens/s (cost model calibrated at warm-up); "
+        "deadline: the earlier rule, a batch grows to the cost budget or waits max_wait_ms",
+    )
     batch_cost_budget: float = Field(
         default=4.0e6,
         gt=0,
@@ -44,7 +52,16 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(default=32, ge=1, description="max sequences in one encode batch")
     max_wait_ms: float = Field(
-        default=5.0, ge=0, description="a batch closes when its oldest request waited this long"
+        default=5.0,
+        ge=0,
+        description="throughput: the longest the cost model may hold a batch for a predicted "
+        "arrival; deadline: a batch closes when its oldest request waited this long",
+    )
+    calibration_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        description="warm-up time per encode model for timing batch shapes (the batch time "
+        "model); 0 = no timing, batches are scored by the architecture cost function alone",
     )
     max_queue_requests: int = Field(
         default=256, ge=1, description="per-model queue limit; beyond it 429"
@@ -77,8 +94,17 @@ class Settings(BaseSettings):
     )
 
     # Runtime.
+    thread_budget: int = Field(
+        default=0,
+        ge=0,
+        description="intra-op threads shared by all loaded models: each gets budget // models "
+        "(at least 1); 0 = the CPU cores this process may run on",
+    )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="ORT/torch intra-op threads; 0 = runtime default"
+        default=0,
+        ge=0,
+        description="ORT/torch intra-op threads per model, overriding thread_budget; 0 = use "
+        "the budget",
     )
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -92,3 +118,10 @@ class Settings(BaseSettings):
         gt=0,
         description="on reload/unload, how long the old version may finish requests in flight",
     )
+
+    def threads_per_model(self, models: int) -> int:
+        """Intra-op threads for one of ``models`` models loaded at once (see thread_budget)."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        budget = self.thread_budget or len(os.sched_getaffinity(0))
+        return max(1, budget // max(1, models))

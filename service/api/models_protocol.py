@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,14 @@ class ModelCard(BaseModel):
     max_context: int
     trained_context: int
     provider: str
+    threads: int | None = Field(
+        None, description="intra-op threads of this model (its share of the thread budget)"
+    )
+    batching: dict[str, Any] | None = Field(
+        None,
+        description="encode models: the batch time model calibrated at warm-up (source "
+        "measured or architecture, coefficients in seconds, the timed shapes, fit error)",
+    )
 
 
 class ModelList(BaseModel):
@@ -56,4 +64,14 @@ def card(served: ServedModel) -> ModelCard:
         max_context=manifest.max_context,
         trained_context=manifest.trained_context,
         provider=served.loaded.backend.provider,
+        threads=served.loaded.threads,
+        batching=batching(served),
     )
+
+
+def batching(served: ServedModel) -> dict[str, Any] | None:
+    time_model = getattr(served.engine, "time_model", None)  # only the encode batcher has one
+    if time_model is None:
+        return None
+    info: dict[str, Any] = time_model.describe()
+    return info

@@ -1,22 +1,31 @@
-"""Encode batching: a per-model queue whose batches close on attention cost, size or age.
+"""Encode batching: a per-model queue; its worker takes what is queued the moment it is free.
 
 One request may carry several sequences (several inputs, or the windows of a chunked input); each
 sequence is queued on its own so that length grouping can put it next to sequences of similar
 length from other requests, and the request resolves when all of its sequences are done.
 
-Batch formation (``form_batch``), run whenever the worker is free:
+Policy ``throughput`` (the default, ``settings.batch_policy``), run whenever the worker is free:
 
-* the oldest waiting sequence is always in the batch, so nothing starves;
-* the pending sequences are sorted by length and the batch grows outwards from the oldest one,
-  taking the neighbour whose length is closer first (small padding);
-* it stops growing when the next sequence would push ``size × cost(padded length)`` over
-  ``settings.batch_cost_budget`` or the size over ``settings.max_batch_size``;
-* a sequence whose own cost exceeds the budget still runs, alone (refusing it would make the
-  model unusable at lengths the manifest allows; the budget bounds batching, not admission).
+* nothing waits on a timer: a lone request on an idle model runs at once, as a batch of one;
+  requests that arrive while a batch runs form the next one (as TEI and continuous batchers do);
+* the batch is the one that maximises predicted *real* (unpadded) tokens per second among the
+  batches the queue allows (:func:`choose_batch`): the oldest sequence always goes (nothing
+  starves), the rest are its neighbours in length order, within ``max_batch_size`` and
+  ``batch_cost_budget`` (a sequence over the budget still runs, alone);
+* predictions come from a :class:`~service.engine.cost.BatchTimeModel` fitted at warm-up to
+  timings of this model on this hardware (the architecture's cost function alone when nothing
+  could be timed); on CPUs it mostly picks small batches of similar length, on GPUs large ones;
+* the worker holds a batch back only when the model predicts that waiting for the next arrival
+  (expected from the gaps between recent overlapping arrivals) and running both together
+  finishes sooner than running now and the newcomer after (:func:`wait_pays`), and never longer
+  than ``max_wait_ms`` after the oldest arrived.
 
-A batch is dispatched as soon as it is full (it stopped growing because of a limit) or the oldest
-sequence has waited ``settings.max_wait_ms``. Inference runs in one worker thread per model (ORT
-and torch release the GIL), so the event loop keeps accepting requests meanwhile.
+Policy ``deadline`` is the earlier rule, kept for comparison: the batch grows by closest length
+until ``size × cost(padded length)`` passes the budget (``form_batch``), and a batch that is not
+full waits until its oldest sequence has waited ``max_wait_ms``.
+
+Inference runs in one worker thread per model (ORT and torch release the GIL), so the event loop
+keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model_store.tokens import PAD_ID
-from service.engine.cost import CostFunction, batch_cost, cost_function
+from service.engine.cost import (
+    TERMS,
+    BatchTimeModel,
+    CostFunction,
+    architecture_model,
+    batch_cost,
+    calibrate,
+    calibration_shapes,
+    cost_function,
+)
 from service.engine.encoding import EncodeOutput, EncodeParams, Pooling, combine, pool, prepare
 from service.engine.errors import EngineStopped, QueueFull
 from service.engine.models import LoadedModel
@@ -123,6 +141,68 @@ def form_batch(
     return [pending[i] for i in order[lo : hi + 1]], full
 
 
+def choose_batch(
+    pending: list[Sequence],
+    model: BatchTimeModel,
+    budget: float,
+    max_batch_size: int,
+) -> list[Sequence]:
+    """The batch with the most predicted real tokens per second among all batches that hold
+    the oldest sequence (``pending[0]``), have at most ``max_batch_size`` rows and fit
+    ``budget`` (the oldest alone always fits). Ties go to the larger batch (fewer passes).
+
+    Exact, not greedy: for a given row count b and longest row (padded width), the most real
+    tokens come from the oldest plus the b-1 longest others that are not longer, which is a
+    window of the length-sorted queue (plus the oldest when it sits below the window). So every
+    (width, b) pair has one best batch, and all pairs are scored at once from prefix sums.
+    """
+    if not pending:
+        return []
+    order = sorted(range(len(pending)), key=lambda i: (pending[i].length, i))
+    lengths = np.asarray([pending[i].length for i in order], dtype=np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(lengths)])
+    pos = order.index(0)  # the oldest, in length order
+    his = np.arange(pos, len(order))[:, None]  # the longest row of the batch (its width)
+    sizes = np.arange(1, max_batch_size + 1)[None, :]
+    # Rows: the window of b ending at hi when it reaches down to the oldest, else the b-1
+    # longest below hi plus the oldest.
+    contains = his - sizes + 1 <= pos
+    window = prefix[his + 1] - prefix[np.maximum(his - sizes + 1, 0)]
+    beside = prefix[his + 1] - prefix[np.maximum(his - sizes + 2, 0)] + lengths[pos]
+    real = np.where(contains, window, beside)
+    widths = lengths[his]
+    attention = np.asarray(
+        [model.cost(int(n), model.config) for n in widths[:, 0]], dtype=np.float64
+    )[:, None]
+    fixed, per_sequence, per_token, per_attention = model.coefficients
+    seconds = fixed + per_sequence * sizes + per_token * sizes * widths
+    seconds = seconds + per_attention * sizes * attention
+    allowed = (sizes <= his + 1) & ((sizes == 1) | (sizes * attention <= budget))
+    score = np.where(allowed, real / np.maximum(seconds, 1e-30), -np.inf)
+    best = score.max()
+    near = np.argwhere(score >= best * (1 - 1e-9))
+    # Largest b first, then the narrowest width.
+    row, col = min(near.tolist(), key=lambda rc: (-rc[1], rc[0]))
+    hi, size = pos + row, col + 1
+    if hi - size + 1 <= pos:
+        chosen = list(range(hi - size + 1, hi + 1))
+    else:
+        chosen = [pos, *range(hi - size + 2, hi + 1)]
+    return [pending[order[i]] for i in chosen]
+
+
+def wait_pays(
+    model: BatchTimeModel, batch: list[Sequence], expected_gap: float, expected_length: int
+) -> bool:
+    """Is waiting ``expected_gap`` seconds for one more sequence of ``expected_length`` tokens,
+    then running it with ``batch``, predicted to finish both sooner than running ``batch`` now
+    and the newcomer after it? Only a per-pass cost larger than the gap makes it so."""
+    size, width = len(batch), max(seq.length for seq in batch)
+    now_then_alone = model.seconds(size, width) + model.seconds(1, expected_length)
+    wait_then_together = expected_gap + model.seconds(size + 1, max(width, expected_length))
+    return wait_then_together < now_then_alone
+
+
 def run_batch(model: LoadedModel, batch: list[Sequence]) -> tuple[list[np.ndarray], float]:
     """Pad on the right, run the graph, pool each row. Runs in the model's worker thread."""
     width = max(seq.length for seq in batch)
@@ -153,6 +233,18 @@ class EncodeBatcher:
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # Until warm-up calibrates it, batches are scored by the architecture's cost alone.
+        self.time_model: BatchTimeModel = architecture_model(
+            self.cost, self.config, "not calibrated (no warm-up has run)"
+        )
+        self._busy = False  # a batch is running in the worker thread
+        # Arrivals that found work outstanding: their mean gap predicts the next one (None when
+        # the last arrival found the model idle, as every arrival at one client does).
+        self._last_arrival: float | None = None
+        self._gap: float | None = None
+        self._mean_length = 0.0
+        self._arrivals = 0
+        self._hold: tuple[Sequence, int] | None = None  # (oldest, arrivals) when last held back
 
     @property
     def name(self) -> str:
@@ -170,8 +262,50 @@ class EncodeBatcher:
         self._worker = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
     async def warmup(self) -> None:
-        """One real request through queue, batch and backend: proves the model answers."""
+        """One real request through queue, batch and backend (proves the model answers), then
+        the batch time model is calibrated on this hardware."""
         await self.encode([WARMUP_TEXT], EncodeParams(), count_tokens=False)
+        if self.settings.batch_policy == "throughput":
+            await self.calibrate()
+
+    async def calibrate(self) -> BatchTimeModel:
+        """Time the backend at a few (batch, padded length) shapes within
+        ``settings.calibration_seconds`` and fit :attr:`time_model`; reported in metrics and
+        logged. Runs in the worker thread, before the model takes traffic."""
+        settings = self.settings
+        if settings.calibration_seconds <= 0:
+            model = architecture_model(
+                self.cost, self.config, "calibration disabled (calibration_seconds = 0)"
+            )
+        else:
+            shapes = calibration_shapes(
+                self.model.manifest.max_context, settings.max_batch_size, self.cost,
+                self.config, settings.batch_cost_budget,
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(
+                self._executor, calibrate, self._time_shape, shapes,
+                settings.calibration_seconds, self.cost, self.config,
+            )  # fmt: skip
+        self.time_model = model
+        self.metrics.set_batch_time_model(
+            self.name, model.source, dict(zip(TERMS, model.coefficients, strict=True)),
+            model.seconds_spent,
+        )  # fmt: skip
+        log.info(
+            "%s/%d: batch time model %s (%s): %s; max relative error %s; %.2f s",
+            self.name, self.model.version, model.source, model.reason,
+            ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, model.coefficients, strict=True)),
+            model.max_relative_error, model.seconds_spent,
+        )  # fmt: skip
+        return model
+
+    def _time_shape(self, size: int, length: int) -> None:
+        """One forward pass of ``size`` real-token rows of ``length`` (calibration)."""
+        sample = self.model.tokenizer.encode(WARMUP_TEXT).ids or [PAD_ID]
+        row = np.resize(np.asarray(sample, dtype=np.int64), length)
+        ids = np.tile(row, (size, 1))
+        self.model.backend.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
     async def stop(self) -> None:
         """Refuse new work, finish everything already queued, then release the thread."""
@@ -215,6 +349,7 @@ class EncodeBatcher:
             raise QueueFull(
                 self.name, self.settings.max_queue_requests, self.settings.retry_after_seconds
             )
+        self._note_arrival(rows)
         loop = asyncio.get_running_loop()
         request = _Request(waiting=len(rows))
         sequences = [Sequence(ids, pooling, loop.create_future(), request) for ids in rows]
@@ -229,6 +364,21 @@ class EncodeBatcher:
             for seq in sequences:
                 seq.future.cancel()
             raise
+
+    def _note_arrival(self, rows: list[np.ndarray]) -> None:
+        now = time.perf_counter()
+        if self._busy or self._pending:
+            if self._last_arrival is not None:
+                gap = now - self._last_arrival
+                self._gap = gap if self._gap is None else 0.8 * self._gap + 0.2 * gap
+        else:
+            self._gap = None  # it found the model idle: nothing to predict the next from
+        self._last_arrival = now
+        self._arrivals += 1
+        length = sum(int(r.shape[0]) for r in rows) / max(1, len(rows))
+        self._mean_length = (
+            length if not self._mean_length else (0.8 * self._mean_length + 0.2 * length)
+        )
 
     # ----------------------------------------------------------------------------- worker
 
@@ -253,6 +403,8 @@ class EncodeBatcher:
             self._wakeup.clear()
             await self._wakeup.wait()
             return True
+        if self.settings.batch_policy == "throughput":
+            return await self._step_throughput()
         batch, full = form_batch(
             self._pending, self.cost, self.config,
             self.settings.batch_cost_budget, self.settings.max_batch_size,
@@ -264,6 +416,31 @@ class EncodeBatcher:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            return True
+        await self._dispatch(batch)
+        return True
+
+    async def _step_throughput(self) -> bool:
+        settings = self.settings
+        batch = choose_batch(
+            self._pending, self.time_model, settings.batch_cost_budget, settings.max_batch_size
+        )
+        oldest = self._pending[0]
+        remaining = oldest.enqueued + settings.max_wait_ms / 1000 - time.perf_counter()
+        gap = self._gap
+        held_already = self._hold is not None and self._hold == (oldest, self._arrivals)
+        if (
+            gap is not None
+            and not self._closing
+            and not held_already
+            and len(batch) < settings.max_batch_size
+            and gap <= remaining
+            and wait_pays(self.time_model, batch, gap, max(1, round(self._mean_length)))
+        ):
+            self._hold = (oldest, self._arrivals)
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=gap)
             return True
         await self._dispatch(batch)
         return True
@@ -295,6 +472,7 @@ class EncodeBatcher:
             self.name, len(batch), width * len(batch), real, [now - seq.enqueued for seq in batch]
         )
         loop = asyncio.get_running_loop()
+        self._busy = True
         try:
             results, seconds = await loop.run_in_executor(
                 self._executor, run_batch, self.model, batch
@@ -307,6 +485,8 @@ class EncodeBatcher:
                 if not seq.future.done():
                     seq.future.set_exception(exc)
             return
+        finally:
+            self._busy = False
         self.metrics.observe_inference(self.name, width, seconds)
         for seq, result in zip(batch, results, strict=True):
             if not seq.future.done():  # the caller may have disconnected meanwhile

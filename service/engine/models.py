@@ -33,6 +33,8 @@ class LoadedModel:
     manifest: Manifest
     tokenizer: Tokenizer
     backend: Backend
+    threads: int | None = None  # intra-op threads it was given (None: the runtime's default)
+
     #: Width of the graph's ``hidden`` output (the embedding width), read once at load; None
     #: for graphs without one (kv_cache decoders). Not the config's d_model: a Reformer that
     #: concatenates its streams is 2·d_model wide (docs/contracts.md).
@@ -103,7 +105,11 @@ def check_contract(resolved: ModelVersion) -> None:
 
 
 def load_model(
-    repo: ModelRepository, name: str, version: int | None, settings: Settings
+    repo: ModelRepository,
+    name: str,
+    version: int | None,
+    settings: Settings,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Verify checksums -> check the graph contract -> read tokenizer -> create backend. Blocking:
     call it off the event loop.
@@ -124,12 +130,12 @@ def load_model(
     tokenizer.no_padding()
     tokenizer.no_truncation()
     try:
-        backend = create_backend(resolved, settings)
+        backend = create_backend(resolved, settings, threads)
     except BackendError as exc:
         raise ModelLoadError(name, resolved.version, str(exc)) from exc
     log.info(
-        "loaded %s/%d (%s, %s, %s) on %s",
+        "loaded %s/%d (%s, %s, %s) on %s, %s intra-op threads",
         name, resolved.version, resolved.manifest.architecture, resolved.manifest.format,
-        resolved.manifest.precision, backend.provider,
+        resolved.manifest.precision, backend.provider, threads or "default",
     )  # fmt: skip
-    return LoadedModel(name, resolved.version, resolved.manifest, tokenizer, backend)
+    return LoadedModel(name, resolved.version, resolved.manifest, tokenizer, backend, threads)

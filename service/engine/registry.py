@@ -109,6 +109,7 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._ever_served: set[str] = set()  # bounded by the store, not by request bodies
+        self._planned: set[str] = set()  # models start-up loads: they share the thread budget
         self.started = False  # start-up loading finished (successfully or not)
 
     # ----------------------------------------------------------------------------- lookup
@@ -160,6 +161,7 @@ class ModelRegistry:
         offline.
         """
         self._loading = {name for name, _ in specs}
+        self._planned = set(self._loading)
         try:
             for name, pinned in specs:
                 try:
@@ -206,8 +208,12 @@ class ModelRegistry:
                 raise ModelLoadError(
                     name, resolved.version, f"no engine for task {resolved.manifest.task!r}"
                 )
+            # One intra-op thread budget for every model served at once (settings.thread_budget):
+            # the models of start-up plus whatever else is served by then, this one included.
+            sharing = len(self._planned | set(self._served) | {name})
+            threads = self.settings.threads_per_model(sharing)
             loaded = await asyncio.to_thread(
-                load_model, self.repo, name, resolved.version, self.settings
+                load_model, self.repo, name, resolved.version, self.settings, threads
             )
             engine = factory(loaded, self.settings, self.metrics)
             try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from model_store import ModelRepository
 from service.app import create_app
@@ -33,6 +34,29 @@ def test_list_has_openai_shape_and_longhaul_fields(client: TestClient) -> None:
     assert cards["sha"]["format"] == "torchscript" and cards["sha"]["provider"] == "torch-cpu"
     assert client.get("/v1/models/sha").json() == cards["sha"]
     assert client.get("/v1/models/nope").status_code == 404
+
+
+def test_cards_show_the_calibrated_batch_time_model_and_threads(client: TestClient) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    for name in ("lin", "sha"):
+        card = cards[name]
+        assert card["threads"] == 2  # make_settings: intra_op_threads 2
+        batching = card["batching"]
+        assert batching["source"] == "measured", batching["reason"]
+        assert set(batching["coefficients"]) == {
+            "fixed", "per_sequence", "per_token", "per_attention"
+        }  # fmt: skip
+        assert min(batching["coefficients"].values()) >= 0
+        assert len({(s["batch"], s["length"]) for s in batching["samples"]}) >= 2
+        assert all(s["length"] <= card["max_context"] for s in batching["samples"])
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+    fixed = (("model", "lin"), ("source", "measured"), ("term", "fixed"))
+    assert ("longhaul_batch_time_coefficient", fixed) in samples
+    assert ("longhaul_calibration_duration_seconds", (("model", "sha"),)) in samples
 
 
 def test_admin_routes_are_disabled_without_admin_keys(client: TestClient) -> None:

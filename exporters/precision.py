@@ -1,0 +1,62 @@
+"""The exporter's default precision: the fastest path that stays accurate (docs/benchmarks.md §2).
+
+``--precision auto`` (the default of ``python -m exporters export`` and of ``make models``) picks,
+per format, what section 2 of the benchmarks measured as fastest within the parity floor on CPU:
+
+* ONNX: int8 dynamic quantization (2.47× eager fp32 on average there, min logits cosine above
+  ``exporters.parity.MIN_COSINE`` on every architecture). A model whose int8 graph misses the
+  floor is exported in fp32 instead, and nothing of the failed attempt is published.
+* TorchScript: fp32. Its bf16 path is only faster on CPUs with native bf16 instructions, and
+  the CPU default path is ONNX int8 anyway; TorchScript stays the portable full-precision format.
+
+The manifest records the outcome and why (``Manifest.precision_reason``); an explicit
+``--precision`` is recorded as requested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exporters.export import ExportRequest, ExportResult
+
+AUTO = "auto"
+REQUESTED = "requested explicitly"
+
+#: The first choice per format under ``auto``, and why.
+DEFAULTS: dict[str, tuple[str, str]] = {
+    "onnx": (
+        "int8",
+        "default: ONNX int8 is the fastest CPU path within the parity floor "
+        "(docs/benchmarks.md §2)",
+    ),
+    "torchscript": (
+        "fp32",
+        "default: TorchScript stays fp32 (its bf16 pays only on CPUs with native bf16; "
+        "the fast CPU path is ONNX int8, docs/benchmarks.md §2)",
+    ),
+}
+
+
+def default_precision(fmt: str) -> tuple[str, str]:
+    """(precision, reason) that ``auto`` tries first for ``fmt``."""
+    if fmt not in DEFAULTS:
+        raise ValueError(f"unknown format {fmt!r}; expected {' or '.join(DEFAULTS)}")
+    return DEFAULTS[fmt]
+
+
+def export_auto(request: ExportRequest) -> ExportResult:
+    """Export with the default precision; fall back to fp32 when it misses the parity floor."""
+    from exporters.export import export
+    from exporters.parity import ParityError
+
+    precision, reason = default_precision(request.format)
+    first = dataclasses.replace(request, precision=precision, precision_reason=reason)
+    if precision == "fp32":
+        return export(first)
+    try:
+        return export(first)
+    except ParityError as exc:
+        fallback = f"default {precision} missed the parity floor ({exc.report.summary()}), so fp32"
+        return export(dataclasses.replace(request, precision="fp32", precision_reason=fallback))
