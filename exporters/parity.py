@@ -20,6 +20,12 @@ from exporters.runtime import Runner
 
 FP32_TOLERANCE = 1e-4
 MIN_COSINE = 0.99
+# kv-cache prompts longer than this run as chunked prefill (each chunk on the cache of the ones
+# before, as the service runs them: its default prefill_chunk_tokens), on both sides, so neither
+# holds a (prompt × prompt) score tensor nor (prompt × vocabulary) logits. Large vocabularies
+# get shorter chunks: at most LOGITS_PER_CHUNK logits per chunk (256 MiB in fp32).
+PREFILL_CHUNK = 512
+LOGITS_PER_CHUNK = 1 << 26
 
 
 class ParityError(RuntimeError):
@@ -153,17 +159,15 @@ def _as_torch(inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 
 def _prepare_decode(
-    reference: nn.Module, spec: GraphSpec, case: Case, vocab: int, gen: np.random.Generator
+    cache: np.ndarray, spec: GraphSpec, case: Case, vocab: int, gen: np.random.Generator
 ) -> Case:
-    """Turn a '-decode' case into one new token on top of the eager model's prefill cache.
+    """Turn a '-decode' case into one new token on top of the eager model's prefill cache
+    ``cache`` (L, 2, b, h, P, e): the whole prompt's entries, from its '-prefill' case.
 
     The cache is laid out as the service's decode batch holds it (service/engine/kv_cache.py):
     each row's real tokens first, its padding slots after them, then the new token, so a
     padded row checks padding between the past and the new token, not only on the left.
     """
-    with torch.no_grad():
-        _, prefill = reference(*_as_torch(case.inputs))  # empty past: the whole prompt's entries
-    cache = prefill.numpy()  # (L, 2, b, h, P, e)
     past = np.zeros_like(cache)
     prompt_mask = case.inputs["attention_mask"]
     past_mask = np.zeros_like(prompt_mask)
@@ -199,6 +203,55 @@ def _cosine_and_argmax(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tu
     return float(cos.mean()), float(agree)
 
 
+def prefill_chunk(batch: int, vocab: int) -> int:
+    """Tokens per chunk of a long kv-cache prompt (see PREFILL_CHUNK)."""
+    return max(16, min(PREFILL_CHUNK, LOGITS_PER_CHUNK // (batch * vocab)))
+
+
+def _chunked_prefill(
+    reference: nn.Module, runner: Runner, spec: GraphSpec, case: Case, chunk: int
+) -> tuple[list[float], float, float, np.ndarray]:
+    """A '-prefill' case run chunk by chunk on both sides, each on its own growing cache.
+
+    Returns (max |diff| per output, mean cosine and argmax agreement over real tokens, the
+    reference's whole-prompt cache (L, 2, b, h, t, e) for the '-decode' case)."""
+    ids, mask = case.inputs["input_ids"], case.inputs["attention_mask"]
+    layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+    empty = np.zeros((layers, 2, ids.shape[0], heads, 0, head_dim), dtype=np.float32)
+    ref_past, got_past = empty, empty
+    diffs = [0.0] * len(spec.outputs)
+    cosine_sum = agree_sum = real_total = 0.0
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        new_mask = case.new_token_mask[:, start:end]
+        outputs = []
+        for past in (ref_past, got_past):
+            inputs = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end]}
+            outputs.append({**inputs, **past_inputs(past, spec.input_names[2:])})
+        with torch.no_grad():
+            expected = [t.numpy() for t in reference(*_as_torch(outputs[0]))]
+        got = runner.run(outputs[1])
+        for i, ((name, _, _), ref) in enumerate(zip(spec.outputs, expected, strict=True)):
+            if ref.shape != got[name].shape:
+                raise ValueError(
+                    f"{case.name}: {name} has shape {got[name].shape} in the exported graph, "
+                    f"{ref.shape} in the eager model"
+                )
+            axis = 4 if name == "new_key_values" else 1
+            diffs[i] = max(diffs[i], _compare(ref, got[name], new_mask, axis))
+        real = float(new_mask.sum())
+        if real:
+            cosine, agree = _cosine_and_argmax(expected[0], got["logits"], new_mask)
+            cosine_sum, agree_sum, real_total = (
+                cosine_sum + cosine * real,
+                agree_sum + agree * real,
+                real_total + real,
+            )
+        ref_past = np.concatenate([ref_past, expected[1]], axis=4)
+        got_past = np.concatenate([got_past, got["new_key_values"]], axis=4)
+    return diffs, cosine_sum / real_total, agree_sum / real_total, ref_past
+
+
 def run_parity(
     reference: nn.Module,
     runner: Runner,
@@ -215,9 +268,24 @@ def run_parity(
         lengths=lengths,
     )
     gen = np.random.default_rng(1)
-    for case in tqdm(build_cases(spec, config, lengths), desc="parity", disable=not progress):
+    vocab = config.vocab_size  # type: ignore[attr-defined]
+    prefill_cache = np.zeros(0, dtype=np.float32)  # the last '-prefill' case's reference cache
+    bar = tqdm(build_cases(spec, config, lengths), desc="parity", disable=not progress)
+    for case in bar:
+        batch, total = case.inputs["input_ids"].shape
+        bar.set_postfix_str(f"{case.name}: batch {batch}, length {total}")
         if case.name.endswith("-decode"):
-            case = _prepare_decode(reference, spec, case, config.vocab_size, gen)  # type: ignore[attr-defined]
+            case = _prepare_decode(prefill_cache, spec, case, vocab, gen)
+        chunk = prefill_chunk(batch, vocab)
+        if case.name.endswith("-prefill") and total > chunk:
+            try:
+                diffs, cosine, agree, prefill_cache = _chunked_prefill(
+                    reference, runner, spec, case, chunk
+                )
+            except ValueError as exc:
+                raise ParityError(report, str(exc)) from None
+            report.cases.append(CaseResult(batch, total, case.name, max(diffs), cosine, agree))
+            continue
         with torch.no_grad():
             expected = [t.numpy() for t in reference(*_as_torch(case.inputs))]
         got = runner.run(case.inputs)
@@ -232,8 +300,9 @@ def run_parity(
             is_cache = name == "new_key_values"
             mask = case.cache_mask if is_cache else case.new_token_mask
             diffs.append(_compare(ref, got[name], mask, 4 if is_cache else 1))
+        if case.name.endswith("-prefill"):
+            prefill_cache = expected[1]  # empty past: the whole prompt's entries
         cosine, agree = _cosine_and_argmax(expected[0], got["logits"], case.new_token_mask)
-        batch = case.inputs["input_ids"].shape[0]
         report.cases.append(
             CaseResult(
                 batch,
