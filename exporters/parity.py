@@ -217,16 +217,19 @@ def _chunked_prefill(
     reference's whole-prompt cache (L, 2, b, h, t, e) for the '-decode' case)."""
     ids, mask = case.inputs["input_ids"], case.inputs["attention_mask"]
     layers, _, _, heads, _, head_dim = spec.outputs[1][2]
-    empty = np.zeros((layers, 2, ids.shape[0], heads, 0, head_dim), dtype=np.float32)
-    ref_past, got_past = empty, empty
+    # Both caches allocated once at the prompt's length and filled chunk by chunk; the past of a
+    # chunk is a view (concatenating would hold two copies of the cache at every step).
+    shape = (layers, 2, ids.shape[0], heads, ids.shape[1], head_dim)
+    ref_cache, got_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     diffs = [0.0] * len(spec.outputs)
     cosine_sum = agree_sum = real_total = 0.0
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
         new_mask = case.new_token_mask[:, start:end]
         outputs = []
-        for past in (ref_past, got_past):
+        for cache in (ref_cache, got_cache):
             inputs = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end]}
+            past = cache[..., :start, :]
             outputs.append({**inputs, **past_inputs(past, spec.input_names[2:])})
         with torch.no_grad():
             expected = [t.numpy() for t in reference(*_as_torch(outputs[0]))]
@@ -247,9 +250,9 @@ def _chunked_prefill(
                 agree_sum + agree * real,
                 real_total + real,
             )
-        ref_past = np.concatenate([ref_past, expected[1]], axis=4)
-        got_past = np.concatenate([got_past, got["new_key_values"]], axis=4)
-    return diffs, cosine_sum / real_total, agree_sum / real_total, ref_past
+        ref_cache[..., start:end, :] = expected[1]
+        got_cache[..., start:end, :] = got["new_key_values"]
+    return diffs, cosine_sum / real_total, agree_sum / real_total, ref_cache
 
 
 def run_parity(
