@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import GIB, RESULTS, ROOT, SCRATCH, read_json
+from benchmarks.common import GIB, RESULTS, ROOT, SCRATCH, loglog_slope, read_json
 
 ARCH_STYLE = {  # colour, marker: the baseline is black so it stands apart
     "vanilla": ("black", "o"),
@@ -318,7 +318,7 @@ def _scaling_md(section: dict[str, Any], images: list[str], img_rel: str) -> lis
     ]
     lines += [f"![scaling]({img_rel}/{name})" for name in images] + [""]
     header = "| architecture | " + " | ".join(_fmt_len(n) for n in lengths)
-    header += " | time slope (all / longest 3) | memory slope | stopped |"
+    header += " | time slope (all / longest 3) | memory slope (all / longest 3) | stopped |"
     lines += [
         "Median seconds per forward, then peak RSS in GiB:",
         "",
@@ -337,7 +337,7 @@ def _scaling_md(section: dict[str, Any], images: list[str], img_rel: str) -> lis
             f"| {ARCH_LABEL.get(arch, arch)} | "
             + " | ".join(cells)
             + f" | {_num(s['time_slope'])} / {_num(s['time_slope_longest3'])} | "
-            f"{_num(s['memory_slope'])} | {stop_text} |"
+            f"{_num(s['memory_slope'])} / {_num(s.get('memory_slope_longest3'))} | {stop_text} |"
         )
     lines += [
         "",
@@ -347,9 +347,51 @@ def _scaling_md(section: dict[str, Any], images: list[str], img_rel: str) -> lis
         "feed-forward and LM head are linear in n for every model); the longest three points "
         "show the asymptotic regime.",
         "",
+        *_remeasured(section),
         *_scaling_findings(section),
     ]
     return lines
+
+
+def _remeasured(section: dict[str, Any]) -> list[str]:
+    """Series re-measured later (``python -m benchmarks.scaling --archs ... --merge``), and the
+    single points measured outside the capped series."""
+    lines = []
+    for r in section.get("remeasured", []):
+        archs = ", ".join(ARCH_LABEL.get(a, a) for a in r["archs"])
+        commit = r.get("commit", {}).get("commit", "")[:12]
+        lines.append(
+            f"Rows {archs} were re-measured on {r['at']} (commit `{commit}`, blocked attention, "
+            f"{r['threads']} torch thread(s), load average {r['load_average_start']} at start, "
+            f"{r['load_average_end']} at end): their memory is comparable with the other rows, "
+            "their times only with each other when the load average exceeds the core count."
+        )
+        lines.append("")
+    for point in section.get("single_points", []):
+        if "stop" in point:
+            lines.append(f"- {point.get('arch', '?')} once: stopped: {point['stop']}")
+            continue
+        label = ARCH_LABEL.get(point["arch"], point["arch"])
+        lines.append(
+            f"- Measured once, outside the capped series: {label} "
+            f"at {_fmt_len(point['length'])} tokens, one forward: {point['warmup_s']:.0f} s, "
+            f"peak RSS {point['peak_rss_bytes'] / GIB:.2f} GiB."
+        )
+    singles = [p for p in section.get("single_points", []) if "stop" not in p]
+    for arch in sorted({p["arch"] for p in singles}):
+        pts = {p["length"]: p for p in section["series"].get(arch, {}).get("points", [])}
+        pts.update({p["length"]: p for p in singles if p["arch"] == arch})
+        longest = [pts[n] for n in sorted(pts)[-3:]]
+        slope = loglog_slope(
+            [p["length"] for p in longest],
+            [max(1, p["peak_rss_bytes"] - p["rss_after_build_bytes"]) for p in longest],
+        )
+        lengths = ", ".join(_fmt_len(p["length"]) for p in longest)
+        lines.append(
+            f"- {ARCH_LABEL.get(arch, arch)}: activation-memory slope over its longest three "
+            f"measured lengths ({lengths}, series and single points together): {_num(slope)}."
+        )
+    return [*lines, ""] if lines else lines
 
 
 def _scaling_findings(section: dict[str, Any]) -> list[str]:

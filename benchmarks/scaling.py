@@ -10,28 +10,40 @@ A series stops at the first length that is over a cap (measured), or that is pre
 over one from the growth between the last two points (so a doomed 32K full-attention point does
 not spend minutes allocating before it is killed); the JSON records which and why.
 
+Outside the capped series, ``single_points`` are measured once each (one forward, a long time
+cap): the ALiBi prefill at 64K tokens, which the blocked attention keeps in linear memory but
+whose time stays quadratic.
+
 Worker: ``python -m benchmarks.scaling --worker '{"arch": ..., "length": ..., ...}'``.
+Re-measure some architectures only: ``python -m benchmarks.scaling --archs alibi,shatter --merge
+benchmarks/results/cpu-2core.json`` (replaces those series and the single points in the file).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     GIB,
+    git_revision,
+    load_average,
     loglog_slope,
     median,
     peak_rss_bytes,
+    read_json,
     rss_bytes,
     run_worker,
     set_threads,
     time_calls,
+    write_json,
 )
 from benchmarks.models import ARCHS, SCALING, arch_config, build
 
@@ -45,6 +57,9 @@ class ScalingPlan:
     point_budget_s: float  # measuring time per point after the warm-up forward
     max_samples: int
     threads: int
+    # (arch, length) measured once after the series, with single_time_cap_s as the time cap
+    single_points: tuple[tuple[str, int], ...] = ()
+    single_time_cap_s: float = 3600.0
 
 
 def plan(quick: bool, threads: int) -> ScalingPlan:
@@ -67,6 +82,7 @@ def plan(quick: bool, threads: int) -> ScalingPlan:
         point_budget_s=5.0,
         max_samples=5,
         threads=threads,
+        single_points=(("alibi", 65536),),
     )
 
 
@@ -182,6 +198,7 @@ def _measure(arch: str, n: int, config: dict[str, Any], p: ScalingPlan) -> dict[
 
 
 def run(p: ScalingPlan, log: Any = print) -> dict[str, Any]:
+    load_start = load_average()
     configs = {arch: arch_config(arch, SCALING) for arch in p.archs}
     points: dict[str, list[dict[str, Any]]] = {arch: [] for arch in p.archs}
     stops: dict[str, dict[str, Any]] = {}
@@ -225,24 +242,94 @@ def run(p: ScalingPlan, log: Any = print) -> dict[str, Any]:
             "time_slope": loglog_slope(lengths, times),
             "time_slope_longest3": loglog_slope(lengths[-3:], times[-3:]),
             "memory_slope": loglog_slope(lengths, [_activation(pt) for pt in pts]),
+            "memory_slope_longest3": loglog_slope(
+                lengths[-3:], [_activation(pt) for pt in pts[-3:]]
+            ),
         }
+    singles = []
+    for arch, n in p.single_points:
+        if arch not in p.archs:
+            continue
+        once = ScalingPlan(
+            archs=(arch,),
+            lengths=(n,),
+            time_cap_s=p.single_time_cap_s,
+            memory_cap_bytes=p.memory_cap_bytes,
+            point_budget_s=0.0,
+            max_samples=1,
+            threads=p.threads,
+        )
+        point = _measure(arch, n, configs[arch], once)
+        singles.append(point if "stop" in point else {**point, "arch": arch})
+        if "stop" in point:
+            log(f"  {arch:<10}{n:>7}  once: stopped: {point['stop']}")
+        else:
+            log(
+                f"  {arch:<10}{n:>7}  once: {point['warmup_s']:.1f} s, "
+                f"peak {point['peak_rss_bytes'] / GIB:.2f} GiB"
+            )
     return {
         "plan": {**asdict(p), "memory_cap_gib": p.memory_cap_bytes / GIB},
         "size": asdict(SCALING),
         "dtype": "float32",
         "backend": "eager PyTorch, torch.inference_mode, batch 1, no padding",
         "series": series,
+        "single_points": singles,
+        "load_average_start": load_start,
     }
+
+
+def merge(results: Path, section: dict[str, Any]) -> None:
+    """Replace the re-measured series (and single points) in a results file's scaling section."""
+    data = read_json(results)
+    old = data["sections"]["scaling"]
+    old["series"].update(section["series"])
+    old["single_points"] = section["single_points"]
+    old.setdefault("remeasured", []).append(
+        {
+            "archs": sorted(section["series"]),
+            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": section["plan"]["threads"],
+            "time_cap_s": section["plan"]["time_cap_s"],
+            "load_average_start": section["load_average_start"],
+            "load_average_end": load_average(),
+            "commit": git_revision(),
+        }
+    )
+    write_json(results, data)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", help="JSON spec of one point (internal)")
+    parser.add_argument("--archs", help="comma-separated architectures to re-measure")
+    parser.add_argument("--merge", type=Path, help="results JSON whose scaling section to update")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--single-points",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the plan's single points (the 64K ALiBi prefill)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure_point(json.loads(args.worker))))
         return 0
-    parser.error("run the scaling section through `python -m benchmarks --sections scaling`")
+    if args.archs and args.merge:
+        full = plan(quick=False, threads=args.threads)
+        archs = tuple(a for a in args.archs.split(",") if a)
+        unknown = sorted(set(archs) - set(ARCHS))
+        if unknown:
+            parser.error(f"unknown architectures {unknown}; known: {', '.join(ARCHS)}")
+        singles = full.single_points if args.single_points else ()
+        replaced = dataclasses.replace(full, archs=archs, single_points=singles)
+        section = run(replaced, lambda line: print(line, flush=True))
+        merge(args.merge, section)
+        return 0
+    parser.error(
+        "run the scaling section through `python -m benchmarks --sections scaling`, "
+        "or re-measure some architectures with --archs A,B --merge RESULTS.json"
+    )
     return 2
 
 

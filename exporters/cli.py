@@ -40,6 +40,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         precision=args.precision,
         version=args.version,
         max_context=args.max_context,
+        eval_text=args.eval_text,
+        skip_extrapolation=args.skip_extrapolation,
     )
     try:
         result = export(request)
@@ -132,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="override the measured/verified max_context (recorded in the manifest)",
+    )
+    p.add_argument(
+        "--eval-text",
+        type=Path,
+        default=None,
+        metavar="FILE|DIR",
+        help="ALiBi: measure the length curve on this text (a file, or every file under a "
+        "directory) instead of the held-out standard-library text; recorded in the manifest",
+    )
+    p.add_argument(
+        "--skip-extrapolation",
+        action="store_true",
+        help="ALiBi: do not measure the length curve (hours for large models on a few CPU "
+        "cores); serve --max-context unmeasured",
     )
     p.set_defaults(func=_cmd_export)
 

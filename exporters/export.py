@@ -8,6 +8,7 @@ and publish only when parity passes. The parity report is printed either way.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import shutil
 import tempfile
 import time
@@ -70,6 +71,8 @@ class ExportRequest:
     max_context: int | None = None  # override; recorded in the manifest
     progress: bool = True
     precision_reason: str | None = None  # recorded in the manifest; set by exporters.precision
+    eval_text: Path | None = None  # ALiBi length curve on this file/directory, not the corpus
+    skip_extrapolation: bool = False  # ALiBi: serve max_context unmeasured (needs max_context)
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,14 @@ class ExportResult:
             bar = f"min cosine {self.report.min_cosine:.6f}"
         return (
             f"published {self.published.path} ({size / 1e6:.1f} MB, {manifest.precision}, "
-            f"max_context {manifest.max_context}): {bar}, {self.seconds:.1f} s"
+            f"max_context {manifest.max_context}): {bar}, {self.seconds:.1f} s, "
+            f"peak RSS {peak_rss_gib():.2f} GiB"
         )
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _max_context(
@@ -100,20 +109,34 @@ def _max_context(
     config = ckpt.config
     hard = config.max_positions
     extrapolation = None
-    if get_architecture(ckpt.architecture).extrapolates:
+    extrapolates = get_architecture(ckpt.architecture).extrapolates
+    if extrapolates and request.skip_extrapolation:
+        if request.max_context is None or request.eval_text is not None:
+            raise ValueError(
+                "--skip-extrapolation needs --max-context N (nothing else chooses the served "
+                "length) and no --eval-text"
+            )
+        default = request.max_context
+    elif extrapolates:
         from exporters.extrapolation import RULE, measure
 
-        lengths, losses, ratios, chosen = measure(
-            ckpt.model, ckpt.tokenizer, ckpt.trained_context, request.progress
+        curve = measure(
+            ckpt.model, ckpt.tokenizer, ckpt.trained_context, request.progress, request.eval_text
         )
         extrapolation = ExtrapolationReport(
-            lengths=lengths,
-            losses=[round(v, 5) for v in losses],
-            ratios=[round(v, 5) for v in ratios],
+            lengths=curve.lengths,
+            losses=[round(v, 5) for v in curve.losses],
+            ratios=[round(v, 5) for v in curve.ratios],
             rule=RULE,
             max_context_override=request.max_context,
+            text=curve.text,
         )
-        default = chosen
+        default = curve.chosen
+    elif request.eval_text is not None or request.skip_extrapolation:
+        raise ValueError(
+            f"--eval-text and --skip-extrapolation concern the ALiBi length curve; "
+            f"{ckpt.architecture} has none"
+        )
     else:
         # No measured limit: serve what parity verified (hard limit when the model has one).
         default = hard if hard is not None else max(LONG_PARITY_LENGTH, ckpt.trained_context)
@@ -134,6 +157,19 @@ def _exportable(ckpt: Checkpoint) -> Checkpoint:
         model.load_state_dict(ckpt.model.state_dict())
         ckpt = dataclasses.replace(ckpt, config=config, model=model.eval())
     return ckpt
+
+
+def _graph_model(ckpt: Checkpoint) -> torch.nn.Module:
+    """The model the graph is made from: attention unblocked (``attention_block=0``), same
+    weights (shared, not copied). A loop over query blocks does not stay dynamic when exported
+    (traced or torch.export'ed, its trip count is the example's); callers of the graphs bound
+    the tokens per call instead (docs/decisions.md). The eager reference stays blocked."""
+    if not getattr(ckpt.config, "attention_block", 0):
+        return ckpt.model
+    with torch.device("meta"):  # no second set of weights, not even briefly
+        model = build_model(dataclasses.replace(ckpt.config, attention_block=0))
+    model.load_state_dict(ckpt.model.state_dict(), assign=True)
+    return model.eval()
 
 
 def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
@@ -255,7 +291,8 @@ def _write_graph(
 ) -> tuple[Path, Runner]:
     model_path = staging / MODEL_FILES[request.format]
     dtype = TORCH_DTYPES.get(request.precision, torch.float32)
-    model = ckpt.model.to(dtype) if request.format == "torchscript" else ckpt.model
+    model = _graph_model(ckpt)
+    model = model.to(dtype) if request.format == "torchscript" else model
     module = wrap(model, spec, dtype)
     example = _example(spec, ckpt.config)
     if request.format == "onnx":

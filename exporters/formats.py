@@ -73,8 +73,10 @@ def export_onnx(
     onnx_logger.setLevel(level)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
-    # Small models fit in one file; the service then has one path to load and one hash to check.
-    program.save(str(path), external_data=False)
+    # One self-contained file up to protobuf's 2 GB limit (one path to load, one hash to check);
+    # larger models (a bloom-560m is 3.3 GB) must keep their weights in ``model.onnx.data``
+    # beside it, which the store hashes and ONNX Runtime loads from the same directory.
+    program.save(str(path), external_data=None)
 
 
 def check_dynamic_axes(path: Path, spec: GraphSpec) -> None:

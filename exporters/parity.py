@@ -26,6 +26,12 @@ from model_store import past_inputs
 from model_store.manifest import NEW_ENTRIES_OUTPUT
 
 MIN_COSINE = 0.99
+# kv-cache prompts longer than this run as chunked prefill (each chunk on the cache of the ones
+# before, as the service runs them: its default prefill_chunk_tokens), on both sides, so neither
+# holds a (prompt × prompt) score tensor nor (prompt × vocabulary) logits. Large vocabularies
+# get shorter chunks: at most LOGITS_PER_CHUNK logits per chunk (256 MiB in fp32).
+PREFILL_CHUNK = 512
+LOGITS_PER_CHUNK = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,12 @@ class OutputDiff:
 
     max_abs_diff: float
     peak: float
+
+    def merge(self, other: OutputDiff | None) -> OutputDiff:
+        """The same output over two parts of one case (chunks of a long prompt)."""
+        if other is None:
+            return self
+        return OutputDiff(max(self.max_abs_diff, other.max_abs_diff), max(self.peak, other.peak))
 
     def ratio(self, rule: Fp32Rule) -> float:
         """How much of the rule's bound the difference uses (> 1 fails)."""
@@ -211,17 +223,15 @@ def _as_torch(inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 
 def _prepare_decode(
-    reference: nn.Module, spec: GraphSpec, case: Case, vocab: int, gen: np.random.Generator
+    cache: np.ndarray, spec: GraphSpec, case: Case, vocab: int, gen: np.random.Generator
 ) -> Case:
-    """Turn a '-decode' case into one new token on top of the eager model's prefill cache.
+    """Turn a '-decode' case into one new token on top of the eager model's prefill cache
+    ``cache`` (L, 2, b, h, P, e): the whole prompt's entries, from its '-prefill' case.
 
     The cache is laid out as the service's decode batch holds it (service/engine/kv_cache.py):
     each row's real tokens first, its padding slots after them, then the new token, so a
     padded row checks padding between the past and the new token, not only on the left.
     """
-    with torch.no_grad():
-        _, prefill = reference(*_as_torch(case.inputs))  # empty past: the whole prompt's entries
-    cache = prefill.numpy()  # (L, 2, b, h, P, e)
     past = np.zeros_like(cache)
     prompt_mask = case.inputs["attention_mask"]
     past_mask = np.zeros_like(prompt_mask)
@@ -259,6 +269,59 @@ def _cosine_and_argmax(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tu
     return float(cos.mean()), float(agree)
 
 
+def prefill_chunk(batch: int, vocab: int) -> int:
+    """Tokens per chunk of a long kv-cache prompt (see PREFILL_CHUNK)."""
+    return max(16, min(PREFILL_CHUNK, LOGITS_PER_CHUNK // (batch * vocab)))
+
+
+def _chunked_prefill(
+    reference: nn.Module, runner: Runner, spec: GraphSpec, case: Case, chunk: int
+) -> tuple[dict[str, OutputDiff], float, float, np.ndarray]:
+    """A '-prefill' case run chunk by chunk on both sides, each on its own growing cache.
+
+    Returns (each output's difference over the whole prompt, mean cosine and argmax agreement
+    over real tokens, the reference's whole-prompt cache (L, 2, b, h, t, e) for the decode
+    case)."""
+    ids, mask = case.inputs["input_ids"], case.inputs["attention_mask"]
+    layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+    # Both caches allocated once at the prompt's length and filled chunk by chunk; the past of a
+    # chunk is a view (concatenating would hold two copies of the cache at every step).
+    shape = (layers, 2, ids.shape[0], heads, ids.shape[1], head_dim)
+    ref_cache, got_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    diffs: dict[str, OutputDiff] = {}
+    cosine_sum = agree_sum = real_total = 0.0
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        new_mask = case.new_token_mask[:, start:end]
+        outputs = []
+        for cache in (ref_cache, got_cache):
+            inputs = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end]}
+            past = cache[..., :start, :]
+            outputs.append({**inputs, **past_inputs(past, spec.input_names[2:])})
+        with torch.no_grad():
+            expected = [t.numpy() for t in reference(*_as_torch(outputs[0]))]
+        got = runner.run(outputs[1])
+        for (name, _, _), ref in zip(spec.outputs, expected, strict=True):
+            if ref.shape != got[name].shape:
+                raise ValueError(
+                    f"{case.name}: {name} has shape {got[name].shape} in the exported graph, "
+                    f"{ref.shape} in the eager model"
+                )
+            axis = 4 if name == NEW_ENTRIES_OUTPUT else 1
+            diffs[name] = _compare(ref, got[name], new_mask, axis).merge(diffs.get(name))
+        real = float(new_mask.sum())
+        if real:
+            cosine, agree = _cosine_and_argmax(expected[0], got["logits"], new_mask)
+            cosine_sum, agree_sum, real_total = (
+                cosine_sum + cosine * real,
+                agree_sum + agree * real,
+                real_total + real,
+            )
+        ref_cache[..., start:end, :] = expected[1]
+        got_cache[..., start:end, :] = got[NEW_ENTRIES_OUTPUT]
+    return diffs, cosine_sum / real_total, agree_sum / real_total, ref_cache
+
+
 def run_parity(
     reference: nn.Module,
     runner: Runner,
@@ -278,11 +341,24 @@ def run_parity(
         rule=FP32_RULE,
     )
     gen = np.random.default_rng(seed + 1)
+    vocab = config.vocab_size  # type: ignore[attr-defined]
+    prefill_cache = np.zeros(0, dtype=np.float32)  # the last prefill case's reference cache
     bar = tqdm(build_cases(spec, config, lengths, seed), desc="parity", disable=not progress)
     for case in bar:
-        bar.set_postfix_str(case.name)
+        batch, total = case.inputs["input_ids"].shape
+        bar.set_postfix_str(f"{case.name}: batch {batch}, length {total}")
         if case.kind == "decode":
-            case = _prepare_decode(reference, spec, case, config.vocab_size, gen)  # type: ignore[attr-defined]
+            case = _prepare_decode(prefill_cache, spec, case, vocab, gen)
+        chunk = prefill_chunk(batch, vocab)
+        if case.kind == "prefill" and total > chunk:
+            try:
+                chunked, cosine, agree, prefill_cache = _chunked_prefill(
+                    reference, runner, spec, case, chunk
+                )
+            except ValueError as exc:
+                raise ParityError(report, str(exc)) from None
+            report.cases.append(CaseResult(batch, total, case.name, chunked, cosine, agree))
+            continue
         with torch.no_grad():
             expected = [t.numpy() for t in reference(*_as_torch(case.inputs))]
         got = runner.run(case.inputs)
@@ -299,6 +375,8 @@ def run_parity(
                 outputs[name] = _compare(ref, got[name], case.cache_mask, 4)
             else:
                 outputs[name] = _compare(ref, got[name], case.new_token_mask, 1)
+        if case.kind == "prefill":
+            prefill_cache = expected[1]  # empty past: the whole prompt's entries
         cosine, agree = _cosine_and_argmax(expected[0], got["logits"], case.new_token_mask)
         report.cases.append(
             CaseResult(

@@ -310,6 +310,9 @@ class ExtrapolationReport(_Frozen):
     ratios: list[float] = Field(description="loss / loss at the trained length (1x)")
     rule: str = Field(min_length=1, description="the rule that chose max_context, in words")
     max_context_override: int | None = Field(default=None, ge=1)
+    text: str | None = Field(
+        default=None, description="which text the losses were measured on (None: not recorded)"
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

@@ -18,6 +18,11 @@ values, every index built from an ``arange`` or ``cumsum`` of shapes.
 
 The past may hold padding slots anywhere (mask 0): positions are ``cumsum(mask) - 1``, so they
 shift no distance between real tokens, and padded keys are masked before the softmax.
+
+A step of more than ``attention_block`` new tokens (a whole-sequence forward, a long prefill)
+runs :func:`alibi_attention_blocked`: queries in blocks, each block's bias built from positions,
+so memory is O(h · block · s) instead of O(h · t · s). Exported graphs take the unblocked form
+(``attention_block=0``): their callers bound the new tokens per call (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -106,6 +111,70 @@ def split_visibility(key_padding_mask: Tensor, t: int) -> tuple[Tensor, Tensor]:
     return valid[:, None, None, :p], causal & valid[:, None, None, p:]
 
 
+class BlockPositions(NamedTuple):
+    """What :func:`alibi_attention_blocked` builds each block's bias and mask from (shared by
+    every layer; every tensor O(b · s), none O(t · s))."""
+
+    slopes: Tensor  # (h,) fp32
+    query_positions: Tensor  # (b, t) int64 positions of the new tokens
+    past_positions: Tensor  # (b, P) int64 positions of the past slots
+    past_visible: Tensor  # (b, 1, 1, P) bool: real past slots, seen by every new query
+    new_real: Tensor  # (b, t) bool: real new tokens
+
+
+def block_positions(slopes: Tensor, attention_mask: Tensor, t: int) -> BlockPositions:
+    """attention_mask (b, P + t), 1 for real tokens -> :class:`BlockPositions` for t new tokens.
+
+    Positions count real tokens only (``cumsum - 1``), as in :class:`AlibiLM`."""
+    past = attention_mask.shape[-1] - t
+    positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
+    real = attention_mask.bool()
+    return BlockPositions(
+        slopes, positions[:, past:], positions[:, :past], real[:, None, None, :past], real[:, past:]
+    )
+
+
+def alibi_attention_blocked(
+    q: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    k: Tensor,
+    v: Tensor,
+    positions: BlockPositions,
+    block: int,
+    scale: float | None = None,
+) -> Tensor:
+    """:func:`alibi_attention_split` with the t new queries taken ``block`` at a time.
+
+    q, k, v (b, h, t, e); past_k, past_v (b, h, P, e), P may be 0. Returns (b, h, t, e), the
+    same numbers as the unblocked function within fp32 rounding (the softmax of each row is over
+    the same scores; masked keys contribute exact zeros either way).
+
+    Each block's scores, bias and masks are built, softmaxed and applied before the next, so the
+    largest tensors are (b, h, block, P + t): O(h · block · s) memory instead of O(h · t · s).
+    Causality also lets block [i0, i1) skip the new keys after i1, halving the work of a prefill.
+    """
+    t = q.shape[-2]
+    slots = torch.arange(t, device=q.device)
+    out = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        query_positions = positions.query_positions[:, start:end]  # (b, B)
+        causal = slots[None, :end] <= slots[start:end, None]  # (B, end)
+        split = SplitBias(
+            alibi_bias(positions.slopes, query_positions, positions.past_positions),  # (b,h,B,P)
+            alibi_bias(positions.slopes, query_positions, positions.query_positions[:, :end]),
+            positions.past_visible,
+            causal & positions.new_real[:, None, None, :end],  # (b, 1, B, end)
+        )
+        out.append(
+            alibi_attention_split(
+                q[..., start:end, :], past_k, past_v, k[..., :end, :], v[..., :end, :], split, scale
+            )
+        )
+    return torch.cat(out, dim=-2)  # (b, h, t, e)
+
+
 def alibi_attention(
     q: Tensor,
     k: Tensor,
@@ -187,6 +256,10 @@ class AlibiConfig:
     softmax_scale: float | None = None  # score scale; None = 1/√head_dim (MPT's softmax_scale)
     eos_token_id: int | None = 1  # generation stops here; None = only at the length limit
     pad_token_id: int = 0  # fills padded slots (always masked, so any id works)
+    # Query rows per attention block when a step has more new tokens than this (full forwards,
+    # long prefills): memory h·block·s instead of h·t·s, same numbers. Compute, not weights:
+    # 0 = one unblocked score tensor per layer (what exported graphs hold).
+    attention_block: int = 256
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "trained_context"):
@@ -213,6 +286,10 @@ class AlibiConfig:
         if self.softmax_scale is not None and self.softmax_scale <= 0:
             raise ValueError(f"softmax_scale must be positive or None, got {self.softmax_scale}")
         require_token_ids(self.vocab_size, self.eos_token_id, self.pad_token_id)
+        if self.attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0 = unblocked), got {self.attention_block}"
+            )
 
     @property
     def task(self) -> str:
@@ -232,14 +309,19 @@ class AlibiSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
+        self.block = config.attention_block
         self.clip_qkv = config.clip_qkv
         self.softmax_scale = config.softmax_scale
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x: Tensor, bias: SplitBias, past_kv: LayerCache) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, bias: SplitBias | BlockPositions, past_kv: LayerCache
+    ) -> tuple[Tensor, Tensor]:
         """x (b, t, d), past_kv (key, value) each (b, h, P, e) -> (b, t, d), new_kv
-        (2, b, h, t, e): the new tokens' keys and values only; the past is read, never copied."""
+        (2, b, h, t, e): the new tokens' keys and values only; the past is read, never copied.
+        ``bias`` is the whole step's :class:`SplitBias`, or :class:`BlockPositions` for a step
+        run in query blocks."""
         qkv = self.qkv(x)  # (b, t, 3d)
         if self.clip_qkv is not None:  # config switch, not a tensor value: export-safe
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
@@ -248,7 +330,12 @@ class AlibiSelfAttention(nn.Module):
         q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         k = k.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
         v = v.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)  # (b, h, t, e)
-        y = alibi_attention_split(q, past_kv[0], past_kv[1], k, v, bias, self.softmax_scale)
+        if isinstance(bias, BlockPositions):
+            y = alibi_attention_blocked(
+                q, past_kv[0], past_kv[1], k, v, bias, self.block, self.softmax_scale
+            )
+        else:
+            y = alibi_attention_split(q, past_kv[0], past_kv[1], k, v, bias, self.softmax_scale)
         y = y.transpose(1, 2).flatten(2)  # (b, t, d)
         return self.out(y), torch.stack([k, v])
 
@@ -265,7 +352,9 @@ class AlibiBlock(nn.Module):
         self.ff = FeedForward(config.d_model, config.d_ff, config.activation, bias)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, bias: SplitBias, past_kv: LayerCache) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, bias: SplitBias | BlockPositions, past_kv: LayerCache
+    ) -> tuple[Tensor, Tensor]:
         a, new_kv = self.attn(self.ln_attn(x), bias, past_kv)
         x = x + self.drop(a)
         x = x + self.drop(self.ff(self.ln_ff(x)))
@@ -295,15 +384,21 @@ class AlibiLM(StackedCacheMixin, nn.Module):
         # its new one) never change the distances i − j between real tokens. Pad slots get a
         # repeated position but are masked as keys and their outputs are unused.
         past = past_key_values[0][0].shape[-2]
-        key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
-        query_positions = key_positions[:, past:]  # (b, t)
+        t = input_ids.shape[1]
         c = self.config
         slopes = alibi_slopes(c.n_heads, c.alibi_bias_max, c.alibi_slope_rule).to(input_ids.device)
-        bias = SplitBias(
-            alibi_bias(slopes, query_positions, key_positions[:, :past]),  # (b, h, t, P)
-            alibi_bias(slopes, query_positions, query_positions),  # (b, h, t, t)
-            *split_visibility(attention_mask, input_ids.shape[1]),
-        )
+        bias: SplitBias | BlockPositions
+        # A config switch and a Python int, never a tensor value: export-safe (exports use 0).
+        if 0 < c.attention_block < t:
+            bias = block_positions(slopes, attention_mask, t)
+        else:
+            key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
+            query_positions = key_positions[:, past:]  # (b, t)
+            bias = SplitBias(
+                alibi_bias(slopes, query_positions, key_positions[:, :past]),  # (b, h, t, P)
+                alibi_bias(slopes, query_positions, query_positions),  # (b, h, t, t)
+                *split_visibility(attention_mask, t),
+            )
 
         x = self.embed(input_ids)  # (b, t, d)
         if c.embed_layer_norm:
@@ -315,10 +410,16 @@ class AlibiLM(StackedCacheMixin, nn.Module):
             news.append(new_kv)
         return self.ln_f(x), torch.stack(news)  # (L, 2, b, h, t, e): t tokens, cheap to stack
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask (b, t) int64 -> hidden (b, t, d), without the (b, t, v)
+        logits: long-sequence callers apply ``head`` a slice at a time."""
         past = self.empty_cache(input_ids.shape[0], self.embed.weight.dtype, input_ids.device)
         hidden, _ = self._decode(input_ids, attention_mask, layer_caches(past))
+        return hidden
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, d)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
         return self.head(hidden), hidden
 
     def forward_step(

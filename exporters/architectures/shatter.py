@@ -10,6 +10,11 @@ so one score map serves P "views" of the sequence: memory is one n×n map per ba
 h, at O(P·n²) multiply-adds. The (n, n, P) partition weights are computed once per forward and
 shared by every layer and batch row (1 GiB at n = 8192, P = 4, fp32).
 
+Sequences longer than ``attention_block`` run :func:`shatter_attention_blocked` instead: queries
+in blocks, each block's score map and partition weights gathered from the (P, 2n − 1) table of
+distinct offsets, so nothing of size n × n exists (memory O(P · block · n)). Exported graphs take
+the unblocked form (``attention_block=0``; docs/decisions.md).
+
 Partition functions (fixed, not learned; identical in every layer)
 -----------------------------------------------------------------
 With D = ``max_distance`` (a hint, NOT a limit), σ-scale w = ``partition_width`` and P parts::
@@ -115,6 +120,39 @@ def shatter_attention(
     return out
 
 
+def shatter_attention_blocked(
+    q: Tensor,
+    k: Tensor,
+    values_per_part: Tensor,
+    table: Tensor,
+    key_mask: Tensor | None,
+    block: int,
+) -> Tensor:
+    """:func:`shatter_attention` with the queries taken ``block`` at a time.
+
+    q: (b, t, e), k: (b, s, e), values_per_part: (b, p, s, e), table: (p, t + s − 1) =
+    π_p(r) for r = −(t − 1) … s − 1 (row r + t − 1), key_mask: (b, s) or None.
+    Returns (b, t, e), the same numbers as the unblocked function within fp32 rounding.
+
+    Each block reads its (block, s, p) partition weights as a view of the table and computes,
+    softmaxes and applies its (b, block, s) score map before the next: the largest tensors are
+    O(P · block · s) instead of the (t, s, p) weights and (b, t, s) map.
+    """
+    t, s = q.shape[1], k.shape[1]
+    # Row i of the weights is the table window starting at offset −i, i.e. window t − 1 − i of
+    # unfold: rows run backwards through the windows. Taking each block's queries in reverse
+    # order turns that into a forward slice, a strided view of the table: no gather, no copy.
+    windows = table.unfold(-1, s, 1)  # (p, t, s): window w = table[:, w : w + s]
+    out = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        partitions = windows[:, t - end : t - start].permute(1, 2, 0)  # (B, s, p), rows reversed
+        reversed_q = q[:, start:end].flip(1)  # (b, B, e), query end − 1 first
+        part = shatter_attention(reversed_q, k, values_per_part, partitions, key_mask)
+        out.append(part.flip(1))
+    return torch.cat(out, dim=1)  # (b, t, e)
+
+
 @dataclass(frozen=True)
 class ShatterConfig:
     vocab_size: int = 256  # tokens, the 4 special tokens of common.py first
@@ -125,6 +163,9 @@ class ShatterConfig:
     max_distance: int = 512  # offset of the outermost partition centres; a hint, not a limit
     partition_width: float = 0.5  # σ of each partition bump, in units of the centre spacing
     dropout: float = 0.0  # on residual branches while training; identity in eval/export
+    # Query rows per attention block for sequences longer than this: memory P·block·n instead of
+    # P·n², same numbers. Compute, not weights: 0 = unblocked (what exported graphs hold).
+    attention_block: int = 256
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "d_ff", "n_parts", "max_distance"):
@@ -133,6 +174,10 @@ class ShatterConfig:
             raise ValueError(f"partition_width must be positive, got {self.partition_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_block < 0:
+            raise ValueError(
+                f"attention_block must be >= 0 (0 = unblocked), got {self.attention_block}"
+            )
 
     @property
     def task(self) -> str:
@@ -150,17 +195,22 @@ class ShatterAttention(nn.Module):
         super().__init__()
         d = config.d_model
         self.n_parts = config.n_parts
+        self.block = config.attention_block
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, config.n_parts * d)  # all V_p fused into one GEMM
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: Tensor, partitions: Tensor, attention_mask: Tensor) -> Tensor:
+        """``partitions`` is the (t, t, p) grid, or for a blocked forward (t longer than the
+        block) the (p, 2t − 1) table of :meth:`ShatterEncoder.partition_table`."""
         values = self.v_proj(x).unflatten(-1, (self.n_parts, -1))  # (b, s, p, e)
         values = values.transpose(1, 2)  # (b, p, s, e)
-        out = shatter_attention(
-            self.q_proj(x), self.k_proj(x), values, partitions, attention_mask
-        )  # (b, t, e)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if partitions.dim() == 2:
+            out = shatter_attention_blocked(q, k, values, partitions, attention_mask, self.block)
+        else:
+            out = shatter_attention(q, k, values, partitions, attention_mask)  # (b, t, e)
         return self.out_proj(out)
 
 
@@ -192,26 +242,36 @@ class ShatterEncoder(nn.Module):
         self.lm_head = LMHead(config.d_model, config.vocab_size)
         init_weights(self)
 
+    def partition_table(self, input_ids: Tensor) -> Tensor:
+        """(b, t) ids -> (p, 2t − 1) π_p(r) for r = −(t − 1) … t − 1: every distinct offset once."""
+        c = self.config
+        t = input_ids.shape[1]
+        offsets = torch.arange(1 - t, t, device=input_ids.device)  # (2t − 1,)
+        return shatter_partitions(offsets, c.n_parts, c.max_distance, c.partition_width).T
+
     def relative_partitions(self, input_ids: Tensor) -> Tensor:
         """(b, t) ids -> (t, t, p) partition weights π_p(j − i), shared by every layer.
 
         π depends only on r, so it is evaluated on the 2t − 1 distinct offsets and gathered into
         the (t, t) grid: the exp/log work is O(t·p) and the only O(t²) tensor is the result.
         """
-        c = self.config
         t = input_ids.shape[1]
-        offsets = torch.arange(1 - t, t, device=input_ids.device)  # (2t − 1,) = −(t−1) … t−1
-        table = shatter_partitions(offsets, c.n_parts, c.max_distance, c.partition_width)
+        table = self.partition_table(input_ids)  # (p, 2t − 1)
         pos = torch.arange(t, device=input_ids.device)
         index = pos[None, :] - pos[:, None] + (t - 1)  # (t, t): j − i shifted to table rows
         # Gather part-major, then view as (t, t, p): each π_p slice that shatter_attention takes
         # is then contiguous (measured at n = 2048: whole forward ~1.7x faster, eager and ORT).
-        return table.T[:, index].permute(1, 2, 0)  # (p, t, t) -> (t, t, p)
+        return table[:, index].permute(1, 2, 0)  # (p, t, t) -> (t, t, p)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (b, t) int64 -> (logits (b, t, v), hidden (b, t, d))."""
         x = self.embed(input_ids)  # (b, t, d)
-        partitions = self.relative_partitions(input_ids).to(x.dtype)  # cast once, not per layer
+        block = self.config.attention_block
+        # A config switch and a Python int, never a tensor value: export-safe (exports use 0).
+        if 0 < block < input_ids.shape[1]:
+            partitions = self.partition_table(input_ids).to(x.dtype)  # (p, 2t − 1)
+        else:
+            partitions = self.relative_partitions(input_ids).to(x.dtype)  # cast once, not per layer
         for block in self.blocks:
             x = block(x, partitions, attention_mask)
         hidden = self.norm(x)
@@ -224,5 +284,6 @@ __all__ = [
     "ShatterConfig",
     "ShatterEncoder",
     "shatter_attention",
+    "shatter_attention_blocked",
     "shatter_partitions",
 ]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from exporters import parity
 from exporters.architectures.alibi import AlibiConfig, AlibiLM
 from exporters.architectures.common import init_weights
 from exporters.graphs import graph_spec, wrap
@@ -55,7 +56,8 @@ def test_decode_cases_hold_padding_between_the_past_and_the_new_token(
     assert prompt_mask.tolist()[1] == [0] * 5 + [1] * 5  # the prompt itself is left-padded
     with torch.no_grad():
         _, prefill = reference(*(torch.from_numpy(v) for v in case.inputs.values()))
-    decode = _prepare_decode(reference, spec, case, CONFIG.vocab_size, np.random.default_rng(0))
+    cache = prefill.numpy()
+    decode = _prepare_decode(cache, spec, case, CONFIG.vocab_size, np.random.default_rng(0))
     assert decode.inputs["attention_mask"].tolist() == [[1] * 11, [1] * 5 + [0] * 5 + [1]]
     assert list(decode.inputs)[2:] == spec.input_names[2:]  # per layer, in graph order
     layers = [decode.inputs[name] for name in spec.input_names[2:]]
@@ -76,3 +78,36 @@ def test_new_entries_are_compared_and_the_old_whole_cache_output_fails(
     old = EagerRunner(reference, whole_cache=True)
     with pytest.raises(ParityError, match=r"decode: new_key_values has shape"):
         run_parity(reference, old, spec, CONFIG, [4, 10], "fp32", False)
+
+
+class PastBlindRunner(EagerRunner):
+    """A broken graph that ignores its past: right for a whole prompt, wrong for any chunk
+    after the first."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t = inputs["input_ids"].shape[1]
+        blind = {
+            name: (value[:, -t:] if name == "attention_mask" else value[..., :0, :])
+            if name != "input_ids"
+            else value
+            for name, value in inputs.items()
+        }
+        return super().run(blind)
+
+
+def test_long_prompts_run_as_chunked_prefill_on_both_sides(
+    reference: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = graph_spec("generate", CONFIG)
+    assert parity.prefill_chunk(1, CONFIG.vocab_size) == parity.PREFILL_CHUNK
+    assert parity.prefill_chunk(2, 250_880) == 133  # large vocabularies: shorter chunks
+    monkeypatch.setattr(parity, "PREFILL_CHUNK", 16)
+    report = run_parity(reference, EagerRunner(reference), spec, CONFIG, [4, 40], "fp32", False)
+    assert report.passed and report.max_abs_diff == 0
+    assert [(c.name, c.length) for c in report.cases if c.name.endswith("prefill")] == [
+        ("b1xL4-prefill", 4), ("b1xL40-prefill", 40), ("b2xL40-padded-prefill", 40)
+    ]  # fmt: skip
+    # A graph that ignores its past passes a whole-prompt check; chunking exposes it.
+    blind = run_parity(reference, PastBlindRunner(reference), spec, CONFIG, [4, 40], "fp32", False)
+    failed = [c.name for c in blind.cases if c.max_abs_diff > parity.FP32_TOLERANCE]
+    assert not blind.passed and "b1xL40-prefill" in failed and "b1xL4-prefill" not in failed

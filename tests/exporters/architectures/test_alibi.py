@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from exporters.architectures import alibi as alibi_module
 from exporters.architectures.alibi import (
     AlibiConfig,
     AlibiLM,
     alibi_attention,
+    alibi_attention_blocked,
     alibi_bias,
     alibi_slopes,
+    block_positions,
 )
 from exporters.architectures.common import init_weights, layer_caches
 
@@ -121,7 +124,109 @@ def test_attention_with_zero_bias_is_causal_sdpa_on_the_last_queries() -> None:
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
+def naive_alibi_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Float64 reference with the full (b, h, t, s) bias: queries are the last t of s slots,
+    positions count real tokens, padded and future keys are masked. Rows of padded queries
+    (unspecified by the model contract) are zero."""
+    t, s = q.shape[-2], k.shape[-2]
+    positions = mask.cumsum(-1) - 1  # (b, s)
+    bias = alibi_bias(slopes.double(), positions[:, s - t :], positions)  # (b, h, t, s)
+    slot = torch.arange(s)
+    visible = (slot[None, :] <= slot[s - t :, None]) & mask.bool()[:, None, :]  # (b, t, s)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
+    return (probs @ v.double()).float()
+
+
+def blocked_inputs(
+    b: int, h: int, t: int, past: int, e: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, e, generator=g) * 2  # peaked scores: a wrong mask shows
+    k, v = (torch.randn(b, h, past + t, e, generator=g) for _ in range(2))
+    mask = torch.ones(b, past + t, dtype=torch.int64)
+    if b > 1:
+        mask[1, : (past + t) // 3] = 0  # second row left-padded by a third of the slots
+        if past > 2:
+            mask[1, past - 2] = 0  # and a free slot inside its cache
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("t", [1, 7, 64, 300])
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("block", [3, 16, 64])
+def test_blocked_attention_matches_the_naive_reference(t: int, past: int, block: int) -> None:
+    slopes = alibi_slopes(6)
+    q, k, v, mask = blocked_inputs(2, 6, t, past, seed=t + past)
+    positions = block_positions(slopes, mask, t)
+    out = alibi_attention_blocked(
+        q, k[..., :past, :], v[..., :past, :], k[..., past:, :], v[..., past:, :], positions, block
+    )
+    assert out.shape == q.shape
+    assert out.isfinite().all()
+    real = mask[:, None, past:, None].bool()  # (b, 1, t, 1): padded query rows are unspecified
+    reference = naive_alibi_attention(q, k, v, slopes, mask)
+    torch.testing.assert_close(out * real, reference * real, atol=ATOL, rtol=0)
+    # ... and the unblocked function, the one exported graphs hold, within fp32 rounding.
+    positions_all = mask.cumsum(-1) - 1
+    unblocked = alibi_attention(
+        q, k, v, alibi_bias(slopes, positions_all[:, past:], positions_all), mask
+    )
+    torch.testing.assert_close(out * real, unblocked * real, atol=ATOL, rtol=0)
+
+
+def test_blocked_attention_never_builds_a_bias_longer_than_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def recording_bias(*args: torch.Tensor) -> torch.Tensor:
+        out = alibi_bias(*args)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(alibi_module, "alibi_bias", recording_bias)
+    slopes = alibi_slopes(4)
+    q, k, v, mask = blocked_inputs(1, 4, 200, 0)
+    positions = block_positions(slopes, mask, 200)
+    empty = k[..., :0, :]
+    alibi_attention_blocked(q, empty, empty, k, v, positions, 32)
+    assert shapes and max(shape[-2] for shape in shapes) == 32  # query rows per bias: the block
+    assert max(shape[-1] for shape in shapes) == 200  # keys: causal, at most all of them
+
+
 # --- model ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [9, 40, 129])
+def test_blocked_model_equals_unblocked_model_with_padding_and_a_past(
+    model: AlibiLM, length: int
+) -> None:
+    blocked = AlibiLM(dataclasses.replace(CONFIG, attention_block=8)).eval()
+    unblocked = AlibiLM(dataclasses.replace(CONFIG, attention_block=0)).eval()
+    blocked.load_state_dict(model.state_dict())
+    unblocked.load_state_dict(model.state_dict())
+    ids = random_ids(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, : length // 2] = 0  # left padding
+    with torch.no_grad():
+        want_logits, want_hidden = unblocked(ids, mask)
+        got_logits, got_hidden = blocked(ids, mask)
+        real = mask.bool()  # outputs at padding are unspecified (common.py)
+        torch.testing.assert_close(got_logits[real], want_logits[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got_hidden[real], want_hidden[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(blocked.hidden_states(ids, mask), got_hidden, atol=0, rtol=0)
+        # A long chunk on top of a cache (chunked prefill): blocked queries over past + new keys.
+        half = length // 2
+        _, past = unblocked.forward_cached(
+            ids[:, :half], mask[:, :half], unblocked.empty_cache(2, torch.float32, ids.device)
+        )
+        want, _ = unblocked.forward_cached(ids[:, half:], mask, past)
+        got, _ = blocked.forward_cached(ids[:, half:], mask, past)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 def test_forward_shapes_and_contract(model: AlibiLM) -> None:
@@ -267,6 +372,7 @@ def test_runs_at_four_times_the_trained_context(model: AlibiLM) -> None:
         ("dropout", 1.0, "dropout"),
         ("dropout", -0.1, "dropout"),
         ("layer_norm_eps", 0.0, "layer_norm_eps"),
+        ("attention_block", -1, "attention_block"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: float, message: str) -> None:

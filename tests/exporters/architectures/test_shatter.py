@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from exporters.architectures import shatter as shatter_module
 from exporters.architectures.shatter import (
     ShatterAttention,
     ShatterConfig,
     ShatterEncoder,
     shatter_attention,
+    shatter_attention_blocked,
     shatter_partitions,
 )
 
@@ -109,6 +111,47 @@ def test_attention_matches_naive_reference(length: int, n_parts: int) -> None:
     out = shatter_attention(q, k, v, partitions, mask)
     assert out.shape == (2, length, 8)
     torch.testing.assert_close(out, naive_attention(q, k, v, partitions, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5, 33, 300])
+@pytest.mark.parametrize("block", [3, 16, 64])
+def test_blocked_attention_matches_naive_reference(length: int, block: int) -> None:
+    q, k, v, partitions, mask = attention_inputs(2, length, 8, 3)
+    offsets = torch.arange(1 - length, length)
+    table = shatter_partitions(offsets, 3, 16).T  # (p, 2t − 1)
+    out = shatter_attention_blocked(q, k, v, table, mask, block)
+    assert out.shape == (2, length, 8)
+    # Non-causal, right padding in row 0: every query row is real and checked.
+    torch.testing.assert_close(out, naive_attention(q, k, v, partitions, mask), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, shatter_attention(q, k, v, partitions, mask), atol=1e-5, rtol=0)
+
+
+def test_blocked_attention_never_builds_an_n_by_n_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(*args: torch.Tensor | None) -> torch.Tensor:
+        shapes.append(tuple(args[3].shape))  # type: ignore[union-attr]
+        return shatter_attention(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shatter_module, "shatter_attention", recording)
+    q, k, v, _, mask = attention_inputs(1, 100, 8, 3)
+    shatter_attention_blocked(q, k, v, shatter_partitions(torch.arange(-99, 100), 3).T, mask, 32)
+    assert shapes == [(32, 100, 3), (32, 100, 3), (32, 100, 3), (4, 100, 3)]
+
+
+@pytest.mark.parametrize("length", [9, 70])
+def test_blocked_model_equals_unblocked_model(length: int) -> None:
+    unblocked = make_model(dataclasses.replace(TINY, attention_block=0))
+    blocked = make_model(dataclasses.replace(TINY, attention_block=8))
+    blocked.load_state_dict(unblocked.state_dict())
+    ids = random_ids(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, length - length // 3 :] = 0  # right padding
+    with torch.no_grad():
+        want, got = unblocked(ids, mask), blocked(ids, mask)
+    real = mask.bool()
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("length", [1, 5, 33])
@@ -234,6 +277,7 @@ def test_config_properties_and_frozen() -> None:
         ("partition_width", float("nan")),
         ("dropout", 1.0),
         ("dropout", -0.1),
+        ("attention_block", -1),
     ],
 )
 def test_config_rejects_invalid_values(field: str, value: float) -> None:
