@@ -231,7 +231,10 @@ def test_backend_failure_reaches_callers_and_worker_survives(fake_model: LoadedM
 
 
 def test_cancelled_caller_is_dropped_from_the_queue(fake_model: LoadedModel) -> None:
-    batcher = EncodeBatcher(fake_model, settings(max_wait_ms=50.0), Metrics())
+    # The deadline policy holds a lone request for max_wait_ms: a caller cancelled meanwhile is
+    # still queued, and must leave the queue without reaching the backend.
+    policy = settings(max_wait_ms=50.0, batch_policy="deadline")
+    batcher = EncodeBatcher(fake_model, policy, Metrics())
 
     async def main() -> None:
         await batcher.start()
@@ -310,8 +313,13 @@ def stub_model(backend: Backend, architecture: str = "linformer") -> LoadedModel
     vocab = {"[UNK]": 0, "def": 5, "warm_up():": 6, "return": 7, "42": 8}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    hidden = SimpleNamespace(shape=["batch", "sequence", 3])
     manifest = SimpleNamespace(
-        architecture=architecture, config={"k": 16}, max_context=512, task="encode"
+        architecture=architecture,
+        config={"k": 16},
+        max_context=512,
+        task="encode",
+        signature=SimpleNamespace(output=lambda name: hidden),
     )
     return LoadedModel("stub", 1, cast(Any, manifest), tokenizer, backend)
 
