@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ORT/torch intra-op threads; 0 = runtime default"
     )
+    intra_op_spinning: bool = Field(
+        default=True,
+        description="ONNX Runtime: idle intra-op threads busy-wait for the next run (ORT's "
+        "default); false lets them sleep, leaving the cores to the engine's Python work",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference",

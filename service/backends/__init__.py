@@ -12,7 +12,12 @@ from service.settings import Settings
 def _onnx(version: ModelVersion, settings: Settings) -> Backend:
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(version.model_path, settings.providers, settings.intra_op_threads)
+    return OnnxBackend(
+        version.model_path,
+        settings.providers,
+        settings.intra_op_threads,
+        settings.intra_op_spinning,
+    )
 
 
 def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
