@@ -8,7 +8,8 @@ docs/benchmarks.md and plots (``make bench`` runs both).
 
 Sections run in this order because later ones use earlier results: serving and generation
 serve the CPU default path that the backends section chose (``--path`` overrides it). The
-engine section (continuous batching in process, on the ALiBi demo model) stands alone.
+engine section (continuous batching in process, on the ALiBi demo model) and the step section
+(decode-step roofline and breakdown, benchmarks/decode_step.py) stand alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from benchmarks.common import (
     write_json,
 )
 
-SECTIONS = ("scaling", "backends", "serving", "generation", "engine")
+SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step")
 
 
 def _path(value: str) -> tuple[str, str]:
@@ -67,6 +68,10 @@ def _run_section(
         from benchmarks import generation
 
         return generation.section(quick, threads, work / "engine", log)
+    if section == "step":
+        from benchmarks import decode_step
+
+        return decode_step.section(quick, threads, work / "step", log)
     from benchmarks import generation_vs_hf
 
     return generation_vs_hf.run(generation_vs_hf.plan(quick), work / "generation", choice, log)

@@ -208,7 +208,7 @@ class Bench:
         traces = [StreamTrace([], 0) for _ in streams]
         tasks = [asyncio.ensure_future(trace(s, t)) for s, t in zip(streams, traces, strict=True)]
         # Let them settle into steady decoding, then measure a baseline window.
-        while engine.stats().decode_batch < plan.streams:
+        while engine.stats().decoding < plan.streams:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.3)
         baseline_start = time.perf_counter()

@@ -918,6 +918,7 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         "serving": (plot_serving, _serving_md),
         "generation": (plot_generation, _generation_md),
         "engine": (lambda section, img_dir: [], _engine_md),
+        "step": (lambda section, img_dir: [], _step_md),
     }
     for key, (plot, md) in writers.items():
         if key not in sections:
@@ -935,6 +936,155 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         images = [] if section.get("skipped") else plot(section, img_dir)
         lines += md(section, images, img_rel)
     out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+# ----------------------------------------------------------------------------- 6. decode step
+
+
+def _step_precision_rows(section: dict[str, Any]) -> list[str]:
+    rows = []
+    for precision, r in section["bloom"].items():
+        for b, floor in r["floor"].items():
+            graph = r["graph_step_s"][b]
+            rows.append(
+                f"| {precision} | {b} | {floor['weight_bytes'] / 1e6:.1f} | "
+                f"{floor['kv_bytes'] / 1e6:.1f} | {_num(floor['memory_s'] * 1e3)} | "
+                f"{_num(floor['compute_s'] * 1e3)} | {_num(floor['floor_s'] * 1e3)} | "
+                f"{_num(graph * 1e3)} | {graph / floor['floor_s']:.1f}x |"
+            )
+    return rows
+
+
+def _step_engine_rows(section: dict[str, Any]) -> list[str]:
+    rows = []
+    for precision, r in section["bloom"].items():
+        floor = r["floor"]["16"]["floor_s"]
+        variants = [(precision, r["engine"]["16"])]
+        if "no_spinning" in r["engine"]:
+            variants.append((f"{precision}, ORT threads sleep", r["engine"]["no_spinning"]["16"]))
+        for label, e16 in variants:
+            rows.append(
+                f"| {label} | {_num(e16['step_p50_s'] * 1e3)} | "
+                f"{_num(e16['graph_p50_s'] * 1e3)} | "
+                f"{_num((e16['step_p50_s'] - e16['graph_p50_s']) * 1e3)} | "
+                f"{e16['step_p50_s'] / floor:.1f}x |"
+            )
+    return rows
+
+
+def _step_stream_rows(section: dict[str, Any]) -> list[str]:
+    hf = section["hf"]["tokens_per_s"]
+    runs = []
+    for precision, r in section["bloom"].items():
+        runs.append((f"bloom {precision}", r["engine"]))
+        if "no_spinning" in r["engine"]:
+            runs.append((f"bloom {precision}, ORT threads sleep", r["engine"]["no_spinning"]))
+    if "demo" in section:
+        runs.append(("alibi-demo fp32", section["demo"]))
+    rows = []
+    for label, e in runs:
+        one, many = e["1"], e["16"]
+        vs_hf = f"{many['tokens_per_s'] / hf:.2f}x" if label.startswith("bloom") else "–"
+        rows.append(
+            f"| {label} | {one['tokens_per_s']:,.0f} | {many['tokens_per_s']:,.0f} | "
+            f"{many['tokens_per_s'] / one['tokens_per_s']:.1f}x | {vs_hf} | "
+            f"{_ms(one['itl_p50_s'])} | {_ms(many['itl_p50_s'])} | "
+            f"{many['itl_p50_s'] / one['itl_p50_s']:.1f}x |"
+        )
+    return rows
+
+
+def _step_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    plan, size = section["plan"], section["size"]
+    bw, peaks = section["bandwidth_bytes_per_s"], section["gemm_flops_per_s"]
+    lines = [
+        "## 6. Decode step: roofline and where the time goes",
+        "",
+        f"The BLOOM-config model of section 4 (random `BloomForCausalLM`, d {size['d_model']}, "
+        f"{size['n_layers']} layers, {size['n_heads']} heads, imported with `python -m exporters "
+        "import hf-bloom`), exported ONNX per precision, measured by `python -m benchmarks "
+        "--sections step` (benchmarks/decode_step.py). Peaks measured in the same run: read "
+        f"bandwidth {bw / 1e9:.1f} GB/s (a reduction over 256 MB), GEMM {peaks['fp32'] / 1e9:.0f}"
+        f" GFLOP/s fp32 (ONNX Runtime `MatMul`) and {peaks['int8'] / 1e9:.0f} GFLOP/s int8 "
+        "(`DynamicQuantizeMatMul`), 1024³. The floor of a step of b rows over a past of "
+        f"{plan['past']} tokens is the larger of (weights + b × that past's fp32 keys and values) "
+        "/ bandwidth and (weight-product FLOPs / the weights' GEMM peak + attention FLOPs / the "
+        "fp32 peak). Graph = `backend.run` on exactly the decode step's inputs, median of "
+        f"{plan['graph_repeats']}, row counts interleaved.",
+        "",
+        "| precision | rows | weights MB | KV MB | memory floor ms | compute floor ms | floor ms "
+        "| graph ms | graph / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *_step_precision_rows(section),
+        "",
+        f"In the engine: 16 streams of {plan['prompt']}-token prompts, {plan['new']} greedy tokens "
+        "each, in process; a step = the wall time between consecutive 16-row decode calls "
+        "(p50), the graph = the backend call inside it:",
+        "",
+        "| precision | 16-row step ms | graph ms | engine ms | step / floor |",
+        "|---|---|---|---|---|",
+        *_step_engine_rows(section),
+        "",
+    ]
+    for precision, r in section["bloom"].items():
+        prof = r["ort_profile_16"]
+        total = sum(op["us_per_step"] for op in prof["ops"]) or 1.0
+        lines += [
+            f"ONNX Runtime's profiler, {precision}, 16 rows (operators over "
+            f"{prof['model_run_us'] / 1e3:.2f} ms per run):",
+            "",
+            "| operator | nodes | ms per step | share |",
+            "|---|---|---|---|",
+            *[
+                f"| `{op['op']}` | {op['nodes']} | {op['us_per_step'] / 1e3:.3f} | "
+                f"{op['us_per_step'] / total:.0%} |"
+                for op in prof["ops"][:8]
+            ],
+            "",
+        ]
+    first = next(iter(section["bloom"]))
+    profile = section["bloom"][first]["engine"]["16"].get("engine_profile", [])
+    if profile:
+        lines += [
+            f"The engine's worker thread under cProfile ({first}, 16 streams; cumulative ms per "
+            "16-row decode step, graph included in `Clock.run`):",
+            "",
+            "| function | calls | cumulative ms / step | own ms / step |",
+            "|---|---|---|---|",
+            *[
+                f"| `{row['function']}` | {row['calls']} | {row['cum_ms_per_step']:.3f} | "
+                f"{row['own_ms_per_step']:.3f} |"
+                for row in profile[:12]
+            ],
+            "",
+        ]
+    lines += [
+        f"Streams (in process; 1 stream = {plan['single_requests']} request(s) one after "
+        f"another; transformers `generate()` {section['hf']['dtype']}, one static batch of 16 on "
+        f"the same weights: {section['hf']['tokens_per_s']:,.0f} tok/s):",
+        "",
+        "| model | 1 stream tok/s | 16 streams tok/s | 16 / 1 | 16 streams / HF | ITL p50 ms 1 "
+        "| ITL p50 ms 16 | ITL 16 / 1 |",
+        "|---|---|---|---|---|---|---|---|",
+        *_step_stream_rows(section),
+        "",
+    ]
+    if "demo" in section:
+        ctx = section["demo"]["contexts"]
+        first_ctx = next(iter(ctx))
+        lines += [
+            f"alibi-demo, one stream, {plan['demo_new']} tokens after a prompt of the context:",
+            "",
+            "| context | ITL p50 ms | step p50 ms | graph p50 ms | ITL / first |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {int(c):,} | {_ms(v['itl_p50_s'])} | {_ms(v['step_p50_s'])} | "
+                f"{_ms(v['graph_p50_s'])} | {v['itl_p50_s'] / ctx[first_ctx]['itl_p50_s']:.2f}x |"
+                for c, v in ctx.items()
+            ],
+            "",
+        ]
+    return lines
 
 
 # ----------------------------------------------------------------------------- terminal

@@ -94,7 +94,7 @@ class Metrics:
         )  # fmt: skip
         self.running_sequences = Gauge(
             PREFIX + "running_sequences",
-            "Sequences in the running decode batch",
+            "Generation requests admitted and not finished (prefilling or decoding)",
             ["model"],
             registry=r,
         )
@@ -105,7 +105,10 @@ class Metrics:
             registry=r,
         )
         self.kv_cache_bytes = Gauge(
-            PREFIX + "kv_cache_bytes", "KV cache bytes in use", ["model"], registry=r
+            PREFIX + "kv_cache_bytes",
+            "KV cache bytes allocated (decode buffer and partial prefills)",
+            ["model"],
+            registry=r,
         )
         self.batch_time_coefficient = Gauge(
             PREFIX + "batch_time_coefficient",
@@ -141,6 +144,10 @@ class Metrics:
         self.batch_padding_ratio.labels(model).observe(ratio)
         for seconds in queue_seconds:
             self.queue_duration.labels(model).observe(seconds)
+
+    def observe_queue(self, model: str, seconds: float) -> None:
+        """One request's wait from arrival to admission (generation admits outside a batch)."""
+        self.queue_duration.labels(model).observe(seconds)
 
     def observe_inference(self, model: str, length: int, seconds: float) -> None:
         self.inference_duration.labels(model, length_bucket(length)).observe(seconds)

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         description="ORT/torch intra-op threads per model, overriding thread_budget; 0 = use "
         "the budget",
     )
+    intra_op_spinning: bool = Field(
+        default=True,
+        description="ONNX Runtime: idle intra-op threads busy-wait for the next run (ORT's "
+        "default); false lets them sleep, leaving the cores to the engine's Python work",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference",

@@ -8,9 +8,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import ApiKey, Registry
 from service.api.encode_protocol import EncodeRequest, EncodeResponse, to_response
 from service.api.errors import ERROR_RESPONSES
-from service.engine.batcher import EncodeBatcher
 from service.engine.encoding import EncodeOutput, EncodeParams
-from service.engine.errors import WrongTask
 from service.engine.registry import ModelRegistry
 
 router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[ApiKey])
@@ -23,9 +21,7 @@ async def encode_with(
     """Shared by /v1/encode and /v1/embeddings: lease the model, check its task, encode."""
     request.state.model = name
     async with registry.lease(name) as served:
-        if not isinstance(served.engine, EncodeBatcher):
-            raise WrongTask(name, served.task, "encode")
-        return await served.engine.encode(inputs, params)
+        return await served.encoder().encode(inputs, params)
 
 
 @router.post("/encode", response_model=EncodeResponse, responses=ERROR_RESPONSES)

@@ -1,5 +1,5 @@
 """``POST /v1/generate`` (native) and ``POST /v1/completions`` (OpenAI-compatible): thin routers
-over :class:`~service.engine.generation.GenerationEngine`.
+over the model's ``GenerateEngine`` (service/engine/interfaces.py).
 
 Every limit is checked before a response starts (400/404/422/429 arrive as ordinary error
 answers, also for ``stream: true``). A request holds a lease on the model version for as long as
@@ -32,13 +32,9 @@ from service.api.generate_protocol import (
     generate_response,
     generate_stream_events,
 )
-from service.engine.errors import EngineError, WrongTask
-from service.engine.generation import (
-    GenerationChunk,
-    GenerationEngine,
-    GenerationResult,
-    GenerationStream,
-)
+from service.engine.errors import EngineError
+from service.engine.generation_stream import GenerationStream
+from service.engine.generation_types import GenerationChunk, GenerationResult
 from service.engine.registry import ModelRegistry, ServedModel
 from service.engine.sampling import SamplingParams
 
@@ -99,11 +95,10 @@ async def _open(
 ) -> _Session:  # fmt: skip
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
-    if not isinstance(served.engine, GenerationEngine):
-        raise WrongTask(name, served.task, "generate")
+    engine = served.generator()
     served.acquire()
     try:
-        stream = await served.engine.submit(prompt, params)
+        stream = await engine.submit(prompt, params)
     except BaseException:
         served.release()
         raise

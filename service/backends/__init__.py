@@ -12,7 +12,7 @@ from service.settings import Settings
 def _onnx(version: ModelVersion, settings: Settings, threads: int) -> Backend:
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(version.model_path, settings.providers, threads)
+    return OnnxBackend(version.model_path, settings.providers, threads, settings.intra_op_spinning)
 
 
 def _torchscript(version: ModelVersion, settings: Settings, threads: int) -> Backend:

@@ -30,10 +30,20 @@ def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
 
 
 class OnnxBackend(Backend):
-    def __init__(self, model_path: Path, providers: list[str], intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        spinning: bool = True,
+    ) -> None:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if not spinning:
+            # Idle intra-op threads sleep instead of busy-waiting for the next run, leaving the
+            # cores to the Python work between runs (sampling, streaming) on a small machine.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # One worker thread per model already serialises calls; inter-op parallelism would only
         # fight the other models for the same cores.
         options.inter_op_num_threads = 1

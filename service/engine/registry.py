@@ -9,7 +9,8 @@ already queued, then the backend is closed. A load that fails at any step leaves
 serving and raises.
 
 Engines by task: ``encode`` -> :class:`~service.engine.batcher.EncodeBatcher`; ``generate`` ->
-:class:`~service.engine.generation.GenerationEngine`.
+:class:`~service.engine.generation.GenerationEngine`. Routers reach them through the task's
+interface (interfaces.py): ``served.encoder()`` or ``served.generator()``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from model_store import ModelRepository
 from service.engine.batcher import EncodeBatcher
-from service.engine.errors import EngineError, ModelLoadError, ModelNotFound, ModelNotReady
+from service.engine.errors import (
+    EngineError,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    WrongTask,
+)
 from service.engine.generation import GenerationEngine
+from service.engine.interfaces import EncodeEngine, Engine, GenerateEngine
 from service.engine.models import LoadedModel, load_model, resolve_version
 from service.metrics import Metrics
 from service.settings import Settings
@@ -39,14 +46,6 @@ def parse_model_spec(spec: str) -> tuple[str, int | None]:
     if match is None:
         raise ValueError(f"model spec {spec!r} is not 'name' or 'name:version'")
     return match.group(1), int(match.group(2)) if match.group(2) else None
-
-
-class Engine(Protocol):
-    """What the registry needs from an engine (EncodeBatcher, GenerationEngine)."""
-
-    async def start(self) -> None: ...
-    async def warmup(self) -> None: ...
-    async def stop(self) -> None: ...
 
 
 EngineFactory = Callable[[LoadedModel, Settings, Metrics], Engine]
@@ -78,6 +77,18 @@ class ServedModel:
     @property
     def task(self) -> str:
         return self.loaded.manifest.task
+
+    def encoder(self) -> EncodeEngine:
+        """This version's engine as an encoder; ``WrongTask`` for a model of another task."""
+        if self.task != "encode" or not isinstance(self.engine, EncodeEngine):
+            raise WrongTask(self.name, self.task, "encode")
+        return self.engine
+
+    def generator(self) -> GenerateEngine:
+        """This version's engine as a generator; ``WrongTask`` for a model of another task."""
+        if self.task != "generate" or not isinstance(self.engine, GenerateEngine):
+            raise WrongTask(self.name, self.task, "generate")
+        return self.engine
 
     def acquire(self) -> None:
         self.in_flight += 1

@@ -91,6 +91,20 @@ def test_thread_count_from_settings(fake_session: type[FakeSession]) -> None:
     assert fake_session.created[0]["options"].intra_op_num_threads == 3
 
 
+@pytest.mark.parametrize(("spinning", "entry"), [(True, None), (False, "0")])
+def test_idle_thread_spinning_from_settings(
+    fake_session: type[FakeSession], spinning: bool, entry: str | None
+) -> None:
+    """Spinning stays ORT's default (no entry at all) unless turned off."""
+    OnnxBackend(Path("model.onnx"), [CPU_PROVIDER], intra_op_threads=2, spinning=spinning)
+    options = fake_session.created[0]["options"]
+    try:
+        found: str | None = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # ORT raises for a key never set
+        found = None
+    assert found == entry
+
+
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
 def test_real_session_with_fake_cuda_availability_runs_on_cpu(
     monkeypatch: pytest.MonkeyPatch, service_store: ServiceStore

@@ -618,6 +618,30 @@ def test_cancel_while_waiting_removes_it_from_the_queue(ali: LoadedModel) -> Non
     run(main())
 
 
+def test_engine_cancel_ends_the_stream_and_frees_the_slot(ali: LoadedModel) -> None:
+    """The engine's own cancel (what a deadline would call), not the stream's: the consumer's
+    iteration ends without a final chunk, whether the request was waiting or decoding."""
+    probe = Probe(ali.backend, delay=0.002)
+
+    async def main() -> tuple[list[GenerationChunk], list[GenerationChunk]]:
+        async with running(with_backend(ali, probe), max_num_seqs=1) as engine:
+            decoding = await engine.submit(PROMPT, SamplingParams(200, temperature=0))
+            waiting = await engine.submit(PROMPT, SamplingParams(200, temperature=0))
+            await anext(decoding)
+            engine.cancel(waiting.id)
+            engine.cancel(decoding.id)
+            engine.cancel(decoding.id)  # idempotent
+            rest = [chunk async for chunk in decoding]
+            never = [chunk async for chunk in waiting]
+            await wait_for(lambda: engine.stats() == GenerationStats(0, 0, 0, 0))
+            return rest, never
+
+    rest, never = run(main())
+    assert never == []
+    assert len(rest) < 5 and all(chunk.finish_reason is None for chunk in rest)
+    assert max(c.input_shape[0] for c in probe.calls) == 1  # the waiting one never ran
+
+
 # ----------------------------------------------------------------------------- failures, lifecycle
 
 
