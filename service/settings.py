@@ -6,6 +6,7 @@ Never read at import time: tests and embedders build ``Settings(...)`` explicitl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,14 @@ class Settings(BaseSettings):
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference",
+    )
+    torchscript_device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="TorchScript models: auto = cuda when torch sees a GPU"
+    )
+    gpu_tf32: bool = Field(
+        default=False,
+        description="let fp32 models multiply in TF32 on the GPU (ORT CUDA EP); off, they compute "
+        "in fp32 as their parity was measured",
     )
     warmup: bool = Field(
         default=True, description="run a warm-up request per model before reporting ready"

@@ -22,7 +22,11 @@ class ModelCard(BaseModel):
     precision: str
     max_context: int
     trained_context: int
-    provider: str
+    provider: str = Field(description="where it runs: an ORT execution provider, torch-cuda/cpu")
+    fallback: str | None = Field(
+        default=None,
+        description="why it runs on `provider` and not on the first one the settings prefer",
+    )
 
 
 class ModelList(BaseModel):
@@ -56,4 +60,5 @@ def card(served: ServedModel) -> ModelCard:
         max_context=manifest.max_context,
         trained_context=manifest.trained_context,
         provider=served.loaded.backend.provider,
+        fallback=served.loaded.backend.fallback,
     )

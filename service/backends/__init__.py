@@ -12,7 +12,9 @@ from service.settings import Settings
 def _onnx(version: ModelVersion, settings: Settings) -> Backend:
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(version.model_path, settings.providers, settings.intra_op_threads)
+    return OnnxBackend(
+        version.model_path, settings.providers, settings.intra_op_threads, settings.gpu_tf32
+    )
 
 
 def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
@@ -24,6 +26,7 @@ def _torchscript(version: ModelVersion, settings: Settings) -> Backend:
         [spec.name for spec in signature.inputs],
         [spec.name for spec in signature.outputs],
         settings.intra_op_threads,
+        settings.torchscript_device,
     )
 
 
