@@ -8,7 +8,7 @@ STORE ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test lint fmt models serve bench clean deploy-tools
+.PHONY: venv test lint fmt models serve bench clean deploy-tools gpu-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -64,6 +64,23 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 	$(PY) -m benchmarks.report $(filter --quick,$(BENCH_ARGS))
+
+# GPU check (README, "GPU"): runs with the machine's own python3 and CUDA build of torch, not
+# .venv. Without a GPU it says so in one line and exits 0. GPU_WHEELS holds the pinned runtime
+# wheels the machine may lack (`make gpu-wheels` fetches them where an index is reachable).
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= wheels/gpu
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(GPU_PYTHON) -m benchmarks.gpu_check --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
+
+# GPU_WHEEL_ONLY="fastapi uvicorn" fetches just those pins (and what they need);
+# ONNXRUNTIME_GPU=1.31.1 adds onnxruntime-gpu (the Dockerfile's version).
+GPU_WHEEL_ONLY ?=
+ONNXRUNTIME_GPU ?=
+gpu-wheels:
+	$(PYTHON) -m benchmarks.gpu_check download --dest $(GPU_WHEELS) \
+		$(if $(GPU_WHEEL_ONLY),--only $(GPU_WHEEL_ONLY)) $(if $(ONNXRUNTIME_GPU),--onnxruntime-gpu $(ONNXRUNTIME_GPU))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -104,13 +104,67 @@ def check_dynamic_axes(path: Path, spec: GraphSpec) -> None:
         raise ExportError(f"exported graph outputs {names}, expected {spec.output_names}")
 
 
+def _graphs(module: torch.jit.ScriptModule) -> list[torch._C.Graph]:
+    """The graph of every method of ``module`` and of its submodules (a traced module keeps one
+    graph per submodule's forward and calls them with prim::CallMethod)."""
+    return [
+        sub._c._get_method(name).graph
+        for sub in module.modules()
+        for name in sub._c._method_names()
+    ]
+
+
+def fixed_devices(module: torch.jit.ScriptModule) -> list[str]:
+    """The devices written as constants into ``module``'s graphs (empty: device-generic)."""
+    return [
+        node.s("value")
+        for graph in _graphs(module)
+        for node in graph.findAllNodes("prim::Constant")
+        if node.output().type().kind() == "DeviceObjType"
+    ]
+
+
+def make_device_generic(module: torch.jit.ScriptModule) -> int:
+    """Replace every device constant by the device of the method's first tensor input.
+
+    Tracing records ``torch.arange(n, device=x.device)`` with the device it saw as a constant,
+    and ``torch.jit.load(map_location=...)`` moves parameters, buffers and tensor constants but
+    not those: a model traced on the CPU and loaded on a GPU would create its position indices
+    on the CPU and fail at the first op that mixes them with activations. Every tensor a graph
+    creates in Longhaul's architectures belongs on the activations' device, which is the device
+    of its inputs, so ``prim::device(first input)`` is what the eager code meant. Returns the
+    number of constants replaced; a method without a tensor input keeps its constants.
+    """
+    replaced = 0
+    for graph in _graphs(module):
+        tensors = [v for v in graph.inputs() if v.type().kind() == "TensorType"]
+        if not tensors:
+            continue
+        for node in list(graph.findAllNodes("prim::Constant")):
+            constant = node.output()
+            if constant.type().kind() != "DeviceObjType":
+                continue
+            device = graph.create("prim::device", [tensors[0]])
+            device.insertBefore(node)
+            device.output().setType(constant.type())
+            constant.replaceAllUsesWith(device.output())
+            node.destroy()
+            replaced += 1
+    return replaced
+
+
 def export_torchscript(module: nn.Module, example: tuple[Tensor, ...], path: Path) -> None:
-    """Trace under no_grad; the saved file loads with torch.jit.load and no Longhaul code."""
+    """Trace under no_grad; the saved file loads with torch.jit.load and no Longhaul code, on
+    any device (:func:`make_device_generic`)."""
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing is deprecated upstream and warns about shape arithmetic it records; parity at
         # several lengths is what proves the trace generalises, so the warnings add nothing.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
+    make_device_generic(traced)
+    left = fixed_devices(traced)
+    if left:
+        raise ExportError(f"the traced graph still fixes tensors to device(s) {sorted(set(left))}")
     traced.save(str(path))
 
 

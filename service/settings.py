@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime providers in order of preference",
     )
+    torchscript_device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="TorchScript models: auto = cuda when torch sees a GPU"
+    )
+    gpu_tf32: bool = Field(
+        default=False,
+        description="let fp32 models multiply in TF32 on the GPU (ORT CUDA EP); off, they compute "
+        "in fp32 as their parity was measured",
+    )
     warmup: bool = Field(
         default=True, description="run a warm-up request per model before reporting ready"
     )

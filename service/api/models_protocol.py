@@ -22,7 +22,11 @@ class ModelCard(BaseModel):
     precision: str
     max_context: int
     trained_context: int
-    provider: str
+    provider: str = Field(description="where it runs: an ORT execution provider, torch-cuda/cpu")
+    fallback: str | None = Field(
+        default=None,
+        description="why it runs on `provider` and not on the first one the settings prefer",
+    )
     threads: int | None = Field(
         None, description="intra-op threads of this model (its share of the thread budget)"
     )
@@ -66,6 +70,7 @@ def card(served: ServedModel) -> ModelCard:
         provider=served.loaded.backend.provider,
         threads=served.loaded.threads,
         batching=batching(served),
+        fallback=served.loaded.backend.fallback,
     )
 
 

@@ -12,7 +12,13 @@ from service.settings import Settings
 def _onnx(version: ModelVersion, settings: Settings, threads: int) -> Backend:
     from service.backends.onnx import OnnxBackend
 
-    return OnnxBackend(version.model_path, settings.providers, threads, settings.intra_op_spinning)
+    return OnnxBackend(
+        version.model_path,
+        settings.providers,
+        threads,
+        spinning=settings.intra_op_spinning,
+        gpu_tf32=settings.gpu_tf32,
+    )
 
 
 def _torchscript(version: ModelVersion, settings: Settings, threads: int) -> Backend:
@@ -24,6 +30,7 @@ def _torchscript(version: ModelVersion, settings: Settings, threads: int) -> Bac
         [spec.name for spec in signature.inputs],
         [spec.name for spec in signature.outputs],
         threads,
+        settings.torchscript_device,
     )
 
 

@@ -19,6 +19,9 @@ class Backend(ABC):
     #: Where the graph really runs, read back from the runtime: "CUDAExecutionProvider",
     #: "CPUExecutionProvider", "torch-cuda" or "torch-cpu". Reported in model_info.
     provider: str
+    #: Why ``provider`` is not the first one the settings prefer (for example "CUDA EP not in
+    #: this onnxruntime build"); None when the model got it. Reported in /v1/models.
+    fallback: str | None = None
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

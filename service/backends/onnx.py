@@ -3,13 +3,16 @@
 The provider list comes from settings (preference order). Only providers the installed wheel
 offers are requested; what the session then reports with ``get_providers()`` is the truth —
 onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing, and
-``get_available_providers()`` would still list CUDA.
+``get_available_providers()`` would still list CUDA. When the model does not run on the first
+preferred provider, ``fallback`` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +22,7 @@ from service.backends.base import Backend, BackendError
 log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
@@ -29,6 +33,42 @@ def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
     return chosen
 
 
+def fallback_reason(
+    preferred: list[str], available: list[str], actual: str, package: str
+) -> str | None:
+    """Why the session runs on ``actual`` rather than the first preferred provider; None if it
+    does not. ``package`` is the installed ONNX Runtime distribution, named in the reason."""
+    wanted = preferred[0] if preferred else CPU_PROVIDER
+    if actual == wanted:
+        return None
+    if wanted not in available:
+        return (
+            f"{wanted} is not in this ONNX Runtime build ({package}; it offers "
+            f"{', '.join(available)})"
+            + ("; install onnxruntime-gpu for the CUDA EP" if wanted == CUDA_PROVIDER else "")
+        )
+    return (
+        f"{wanted} is offered but the session could not use it and runs on {actual} "
+        "(ONNX Runtime's log above says why: usually CUDA or cuDNN libraries it cannot load)"
+    )
+
+
+def installed_package() -> str:
+    """The ONNX Runtime distribution behind ``import onnxruntime`` (both install that module)."""
+    from importlib import metadata
+
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return f"{name} {metadata.version(name)}"
+    return f"onnxruntime {ort.__version__}"
+
+
+def provider_options(requested: list[str], gpu_tf32: bool) -> list[dict[str, Any]]:
+    """Options per requested provider. The CUDA EP computes fp32 GEMMs in TF32 unless told not
+    to; an fp32 model's parity report was measured in fp32, so TF32 is opt-in."""
+    return [{"use_tf32": "1" if gpu_tf32 else "0"} if p == CUDA_PROVIDER else {} for p in requested]
+
+
 class OnnxBackend(Backend):
     def __init__(
         self,
@@ -36,6 +76,7 @@ class OnnxBackend(Backend):
         providers: list[str],
         intra_op_threads: int = 0,
         spinning: bool = True,
+        gpu_tf32: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         if intra_op_threads:
@@ -47,22 +88,34 @@ class OnnxBackend(Backend):
         # One worker thread per model already serialises calls; inter-op parallelism would only
         # fight the other models for the same cores.
         options.inter_op_num_threads = 1
-        requested = choose_providers(providers, ort.get_available_providers())
+        available = ort.get_available_providers()
+        requested = choose_providers(providers, available)
+        if CUDA_PROVIDER in requested and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN installed as pip packages (nvidia-*, what a
+            # CUDA build of torch brings) only once they are preloaded; with system-wide CUDA
+            # libraries this changes nothing.
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a missing library is reported by the session below
+                log.debug("onnxruntime.preload_dlls failed: %s", exc)
         try:
             self.session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=requested
+                str(model_path),
+                sess_options=options,
+                providers=requested,
+                provider_options=provider_options(requested, gpu_tf32),
             )
         except Exception as exc:  # ORT raises its own untyped exceptions (Fail, InvalidGraph...)
             raise BackendError(f"{model_path}: ONNX Runtime cannot load the graph: {exc}") from exc
         actual = self.session.get_providers()
         self.provider = actual[0] if actual else CPU_PROVIDER
-        if requested[0] != self.provider:
-            log.warning(
-                "%s: requested %s but the session runs on %s",
-                model_path,
-                requested[0],
-                self.provider,
-            )
+        self.fallback = fallback_reason(providers, available, self.provider, installed_package())
+        if self.fallback:
+            # A CPU-only build is a deployment's choice (info); a GPU build that could not use
+            # the GPU is a fault (warning).
+            wanted = providers[0] if providers else CPU_PROVIDER
+            level = logging.WARNING if wanted in available else logging.INFO
+            log.log(level, "%s runs on %s: %s", model_path, self.provider, self.fallback)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -15,7 +15,13 @@ from exporters import parity as parity_module
 from exporters.checkpoint import load_checkpoint
 from exporters.cli import main as exporters_main
 from exporters.export import ExportRequest, export, parity_lengths
-from exporters.formats import FrozenAxisError, check_dynamic_axes, export_onnx
+from exporters.formats import (
+    FrozenAxisError,
+    check_dynamic_axes,
+    export_onnx,
+    export_torchscript,
+    fixed_devices,
+)
 from exporters.graphs import graph_spec, wrap
 from exporters.parity import ParityError
 from exporters.runtime import OnnxRunner, TorchScriptRunner
@@ -112,6 +118,33 @@ def test_round_trip_through_the_store_matches_eager(store, tiny_checkpoint, arch
         real = mask.astype(bool)
         diff = np.abs(got["logits"] - expected[0].numpy())[real].max()
         assert diff <= 1e-4, f"{arch}/{fmt} at length {length}: max|diff| {diff}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torchscript_export_fixes_no_device(store, arch) -> None:
+    # Traced on the CPU, the graphs create position indices with device constants; a file that
+    # kept them would fail on a GPU at the first op mixing them with activations.
+    version = ModelRepository(store).resolve(f"{arch}-torchscript", "latest")
+    assert fixed_devices(torch.jit.load(str(version.model_path))) == []
+
+
+class _Positions(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[1], device=x.device).to(x.dtype)
+
+
+def test_device_constants_follow_the_input_after_export(tmp_path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(_Positions(), (torch.zeros(1, 3),))
+    assert fixed_devices(traced) == ["cpu"]  # what plain tracing records
+    path = tmp_path / "m.ts"
+    export_torchscript(_Positions(), (torch.zeros(1, 3),), path)
+    loaded = torch.jit.load(str(path))
+    assert fixed_devices(loaded) == []
+    assert "prim.device" in loaded.code
+    # Same numbers at another length than the traced one.
+    x = torch.randn(2, 7)
+    torch.testing.assert_close(loaded(x), _Positions()(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["alibi-onnx", "reformer-onnx", "reformer-torchscript"])

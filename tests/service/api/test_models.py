@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,6 +34,11 @@ def test_list_has_openai_shape_and_longhaul_fields(client: TestClient) -> None:
         "CPUExecutionProvider",
     )
     assert cards["sha"]["format"] == "torchscript" and cards["sha"]["provider"] == "torch-cpu"
+    # Settings prefer the GPU; this machine's runtimes say why each model runs on the CPU.
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "CUDAExecutionProvider is not in this ONNX Runtime build" in lin["fallback"]
+    if not torch.cuda.is_available():
+        assert "torch" in cards["sha"]["fallback"] and "CUDA" in cards["sha"]["fallback"]
     assert client.get("/v1/models/sha").json() == cards["sha"]
     assert client.get("/v1/models/nope").status_code == 404
 

@@ -12,7 +12,13 @@ import pytest
 
 from model_store import ModelRepository
 from service.backends import BackendError, create_backend
-from service.backends.onnx import CPU_PROVIDER, OnnxBackend, choose_providers
+from service.backends.onnx import (
+    CPU_PROVIDER,
+    OnnxBackend,
+    choose_providers,
+    fallback_reason,
+    provider_options,
+)
 from service.settings import Settings
 from tests.service.conftest import EagerReference, ServiceStore
 
@@ -29,8 +35,16 @@ class FakeSession:
     created: ClassVar[list[dict[str, Any]]] = []
     actual: ClassVar[list[str]] = [CPU_PROVIDER]
 
-    def __init__(self, path: str, sess_options: ort.SessionOptions, providers: list[str]) -> None:
-        FakeSession.created.append({"providers": providers, "options": sess_options})
+    def __init__(
+        self,
+        path: str,
+        sess_options: ort.SessionOptions,
+        providers: list[str],
+        provider_options: list[dict[str, str]],
+    ) -> None:
+        FakeSession.created.append(
+            {"providers": providers, "options": sess_options, "provider_options": provider_options}
+        )
 
     def get_providers(self) -> list[str]:
         return list(FakeSession.actual)
@@ -65,6 +79,9 @@ def test_cuda_absent_requests_and_reports_cpu(
     backend = OnnxBackend(Path("model.onnx"), [CUDA, CPU_PROVIDER])
     assert fake_session.created[0]["providers"] == [CPU_PROVIDER]
     assert backend.provider == CPU_PROVIDER
+    assert backend.fallback is not None
+    assert "CUDAExecutionProvider is not in this ONNX Runtime build" in backend.fallback
+    assert "install onnxruntime-gpu" in backend.fallback
 
 
 def test_cuda_available_but_session_runs_on_cpu_records_cpu(
@@ -76,6 +93,7 @@ def test_cuda_available_but_session_runs_on_cpu_records_cpu(
     backend = OnnxBackend(Path("model.onnx"), [CUDA, CPU_PROVIDER])
     assert fake_session.created[0]["providers"] == [CUDA, CPU_PROVIDER]
     assert backend.provider == CPU_PROVIDER
+    assert backend.fallback is not None and "could not use it" in backend.fallback
 
 
 def test_cuda_session_is_reported_as_cuda(
@@ -83,7 +101,33 @@ def test_cuda_session_is_reported_as_cuda(
 ) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU_PROVIDER])
     fake_session.actual = [CUDA, CPU_PROVIDER]
-    assert OnnxBackend(Path("model.onnx"), [CUDA, CPU_PROVIDER]).provider == CUDA
+    backend = OnnxBackend(Path("model.onnx"), [CUDA, CPU_PROVIDER])
+    assert (backend.provider, backend.fallback) == (CUDA, None)
+
+
+def test_cpu_preferred_and_got_is_no_fallback() -> None:
+    assert fallback_reason([CPU_PROVIDER], [CUDA, CPU_PROVIDER], CPU_PROVIDER, "ort") is None
+    assert fallback_reason([], [CPU_PROVIDER], CPU_PROVIDER, "ort") is None
+
+
+def test_cuda_ep_multiplies_fp32_in_fp32_unless_tf32_is_allowed() -> None:
+    assert provider_options([CUDA, CPU_PROVIDER], gpu_tf32=False) == [{"use_tf32": "0"}, {}]
+    assert provider_options([CUDA, CPU_PROVIDER], gpu_tf32=True) == [{"use_tf32": "1"}, {}]
+    assert provider_options([CPU_PROVIDER], gpu_tf32=False) == [{}]
+
+
+def test_cuda_libraries_are_preloaded_only_when_cuda_is_requested(
+    monkeypatch: pytest.MonkeyPatch, fake_session: type[FakeSession]
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda: calls.append(1), raising=False)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU_PROVIDER])
+    OnnxBackend(Path("model.onnx"), [CPU_PROVIDER])
+    assert calls == []
+    fake_session.actual = [CUDA, CPU_PROVIDER]
+    OnnxBackend(Path("model.onnx"), [CUDA, CPU_PROVIDER])
+    assert calls == [1]
+    assert fake_session.created[-1]["provider_options"] == [{"use_tf32": "0"}, {}]
 
 
 def test_thread_count_from_settings(fake_session: type[FakeSession]) -> None:

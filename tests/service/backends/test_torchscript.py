@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model_store import ModelRepository
-from service.backends import BACKENDS, BackendError, create_backend
-from service.backends.torchscript import TorchScriptBackend, choose_device
+from service.backends import BACKENDS, BackendError, create_backend, torchscript
+from service.backends.torchscript import TorchScriptBackend, choose_device, fixed_devices
 from service.settings import Settings
 from tests.service.conftest import EagerReference, ServiceStore
 
@@ -25,10 +25,62 @@ def test_cpu_when_cuda_unavailable(
     monkeypatch: pytest.MonkeyPatch, service_store: ServiceStore
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build that sees no GPU
     version = ModelRepository(service_store.root).resolve("sha")
     backend = create_backend(version, Settings(store=service_store.root))
     assert isinstance(backend, TorchScriptBackend)
     assert backend.provider == "torch-cpu"
+    assert backend.fallback is not None and "is_available() is False" in backend.fallback
+
+
+def test_cpu_build_of_torch_is_named_as_the_reason(
+    monkeypatch: pytest.MonkeyPatch, service_store: ServiceStore
+) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    version = ModelRepository(service_store.root).resolve("sha")
+    backend = create_backend(version, Settings(store=service_store.root))
+    assert backend.provider == "torch-cpu"
+    assert backend.fallback == f"torch {torch.__version__} is built without CUDA"
+
+
+def test_cpu_asked_for_is_no_fallback(service_store: ServiceStore) -> None:
+    version = ModelRepository(service_store.root).resolve("sha")
+    backend = create_backend(version, Settings(store=service_store.root, torchscript_device="cpu"))
+    assert (backend.provider, backend.fallback) == ("torch-cpu", None)
+
+
+class _Positions(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[1], device=x.device).to(x.dtype)
+
+
+def test_a_file_that_fixes_its_device_to_cpu_stays_on_cpu_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A plain trace (no device-generic export) records device="cpu" for its arange.
+    with torch.no_grad():
+        traced = torch.jit.trace(_Positions(), (torch.zeros(1, 3),))
+    path = tmp_path / "model.ts"
+    traced.save(str(path))
+    assert fixed_devices(torch.jit.load(str(path))) == {"cpu"}
+    # Pretend torch sees a GPU and load on the CPU whatever the device: only the decision is
+    # tested here, no numbers are.
+    loads: list[str] = []
+    real_load = torchscript._load
+
+    def load_anywhere(model_path: Path, device: torch.device) -> torch.jit.ScriptModule:
+        loads.append(device.type)
+        return real_load(model_path, torch.device("cpu"))
+
+    monkeypatch.setattr(torchscript, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torchscript, "_load", load_anywhere)
+    backend = TorchScriptBackend(path, ["x"], ["y"])
+    assert loads == ["cuda", "cpu"]
+    assert backend.provider == "torch-cpu"
+    assert backend.fallback is not None
+    assert "creates tensors on cpu" in backend.fallback and "re-export" in backend.fallback
+    out = backend.run({"x": np.zeros((1, 4), np.float32)})
+    np.testing.assert_array_equal(out["y"], [[0.0, 1.0, 2.0, 3.0]])
 
 
 def test_outputs_match_eager_model(
@@ -52,6 +104,11 @@ def test_outputs_match_eager_model(
 
 def test_format_registry_covers_every_manifest_format() -> None:
     assert set(BACKENDS) == {"onnx", "torchscript"}
+
+
+def test_unknown_device_is_a_backend_error(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="unknown TorchScript device"):
+        TorchScriptBackend(tmp_path / "model.ts", ["x"], ["y"], device="tpu")
 
 
 def test_unloadable_file_is_a_backend_error(tmp_path: Path) -> None:
