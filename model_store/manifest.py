@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from model_store.errors import ManifestError, OutdatedManifestError
 
 # 1: the first schema. 2: a kv_cache graph returns only the new tokens' cache entries
-# (new_key_values). 3: its past goes in as one input per layer and per key/value (cache.inputs).
+# (new_key_values). 3: its past goes in as one input per layer and per key/value (cache.inputs,
+# whose common prefix is cache.input_prefix, formerly cache.input).
 SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 # A manifest built before publishing does not know its version yet; publish allocates one.
@@ -151,9 +152,9 @@ class CacheLayout(_Frozen):
     axes of the cache as a whole (the output, and the buffer a server keeps): past input
     ``inputs[2 l + kv]`` is its slice ``[l, kv]``."""
 
-    input: str = Field(
+    input_prefix: str = Field(
         min_length=1,
-        description="the past's name: prefix of the per-layer inputs, e.g. past_key_values",
+        description="prefix of the per-layer past inputs' names, e.g. past_key_values",
     )
     inputs: list[str] = Field(
         min_length=2,
@@ -179,7 +180,7 @@ class CacheLayout(_Frozen):
 
     @model_validator(mode="after")
     def _one_input_per_layer_and_kv(self) -> Self:
-        expected = past_input_names(self.input, self.n_layers)
+        expected = past_input_names(self.input_prefix, self.n_layers)
         if self.inputs != expected:
             raise ValueError(
                 f"past inputs {self.inputs} for {self.n_layers} layers: expected one key and "
@@ -432,7 +433,8 @@ def _to_new_entries_output(document: Document) -> Document:
 
 def _to_per_layer_past(document: Document) -> Document:
     """2 -> 3. kv_cache graphs that took the past as one stacked input (ONNX Runtime copied it
-    whole every step) cannot be fed the per-layer inputs the engine passes: refused."""
+    whole every step) cannot be fed the per-layer inputs the engine passes: refused. The others
+    list their per-layer inputs; the cache's ``input`` (their prefix) becomes ``input_prefix``."""
     cache = _kv_cache(document)
     if cache is not None and not cache.get("inputs"):
         prefix = cache.get("input")
@@ -442,6 +444,9 @@ def _to_per_layer_past(document: Document) -> Document:
             f"layer and per key/value ({prefix}.0.key, {prefix}.0.value, ...) "
             f"(docs/contracts.md)"
         )
+    if cache is not None and "input" in cache:
+        renamed = {("input_prefix" if k == "input" else k): v for k, v in cache.items()}
+        document["signature"] = {**document["signature"], "cache": renamed}
     return document
 
 

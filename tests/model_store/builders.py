@@ -52,7 +52,7 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
             ],
             "generation_mode": "kv_cache",
             "cache": {
-                "input": "past_key_values",
+                "input_prefix": "past_key_values",
                 "inputs": past_input_names("past_key_values", 2),
                 "output": "new_key_values",
                 "layout": ["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
@@ -117,7 +117,12 @@ def with_stacked_past_contract(document: dict[str, Any], schema_version: int = 1
     cache layout without ``inputs``. Such graphs were published as schema 1 (the number was
     bumped only later) or, by the schema's own history, 2."""
     signature = document["signature"]
-    cache = {k: v for k, v in signature["cache"].items() if k != "inputs"}
+    # Before schema 3 the prefix field was called "input".
+    cache = {
+        ("input" if k == "input_prefix" else k): v
+        for k, v in signature["cache"].items()
+        if k != "inputs"
+    }
     per_layer = set(signature["cache"]["inputs"])
     stacked = {
         "name": cache["input"],

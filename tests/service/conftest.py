@@ -177,8 +177,7 @@ def start_live_server(settings: Settings, timeout: float = 120.0) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server(service_store: ServiceStore) -> Iterator[LiveServer]:
-    """One real server for the session over every model in the store (generate ones included
-    once the generation engine exists)."""
+    """One real server for the session over every model in the store, encode and generate."""
     server = start_live_server(make_settings(service_store.root, models=[]))
     yield server
     server.stop()
