@@ -130,6 +130,16 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(main())
 
 
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (a gauge, a queue, an engine's stats): tests order
+    events on the state they need, never on how long something usually takes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(0.001)
+
+
 # ------------------------------------------------------------------------------ live server
 
 
