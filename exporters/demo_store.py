@@ -2,9 +2,10 @@
 (``<arch>-demo-ts``), built from demo checkpoints that are trained once and cached.
 
 A second run trains nothing and exports nothing that is already published; it only verifies.
-The exception is a model whose newest version was exported under an older graph contract (a
-``kv_cache`` graph returning the whole cache): the service refuses to load it, so it is exported
-again from the cached checkpoint as a new version (the stale one stays, immutable, and refused).
+The exception is a model whose newest version was exported under an older graph contract (its
+manifest's schema migration refuses it: ``OutdatedManifestError``): the service cannot load it,
+so it is exported again from the cached checkpoint as a new version (the stale one stays,
+immutable, reported as outdated by ``python -m model_store verify``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from exporters.checkpoint import REPORT_FILE
 from exporters.export import ExportRequest, export
 from exporters.precision import AUTO
 from exporters.training import train
-from model_store import ModelRepository
+from model_store import ModelRepository, OutdatedManifestError
 
 ARCHS = ("linformer", "reformer", "alibi", "shatter")
 FORMATS = {"onnx": "{arch}-demo", "torchscript": "{arch}-demo-ts"}
@@ -29,15 +30,14 @@ DEMO_PRECISION = AUTO
 
 def is_current(repo: ModelRepository, name: str, log: Callable[[str], None]) -> bool:
     """Is the newest version of ``name`` published and servable as is? A version exported
-    under an older graph contract (``CacheLayout.stale_contract``) is not: keeping it would
-    leave the demo model unservable."""
+    under an older graph contract is not: keeping it would leave the demo model unservable."""
     if name not in repo.list_models():
         return False
-    manifest = repo.load_manifest(name)
-    cache = manifest.signature.cache
-    problem = cache.stale_contract() if cache is not None else None
-    if problem is not None:
-        log(f"{name}/{manifest.version} is stale: {problem}; re-exporting it as a new version")
+    try:
+        repo.load_manifest(name)
+    except OutdatedManifestError as exc:
+        version = repo.list_versions(name)[-1]
+        log(f"{name}/{version} is stale: {exc.reason}; re-exporting it as a new version")
         return False
     return True
 

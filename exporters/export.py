@@ -203,19 +203,21 @@ def _past_shapes(spec: GraphSpec) -> list[tuple[str | int, ...]]:
     return [shape for _, _, shape in spec.inputs[2:]]
 
 
-def _signature(spec: GraphSpec, dtype: str) -> GraphSignature:
+def _signature(spec: GraphSpec) -> GraphSignature:
+    """The manifest's view of ``spec``; a kv_cache graph's layout takes its dtype from the
+    graph's cache output (float32 at every precision: docs/decisions.md, "Export")."""
     cache = None
     if spec.mode == "kv_cache":
-        layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+        _, dtype, (layers, _, _, heads, _, head_dim) = spec.outputs[1]
         cache = CacheLayout(
-            input=PAST_INPUT_PREFIX,
+            input_prefix=PAST_INPUT_PREFIX,
             inputs=spec.input_names[2:],
             output=NEW_ENTRIES_OUTPUT,
             layout=["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
             n_layers=int(layers),
             n_heads=int(heads),
             head_dim=int(head_dim),
-            dtype="float32",
+            dtype=dtype,
         )
     return GraphSignature(
         inputs=[TensorSpec(name=n, dtype=d, shape=list(s)) for n, d, s in spec.inputs],
@@ -271,7 +273,7 @@ def build_manifest(
         max_context=max_context,
         trained_context=ckpt.trained_context,
         config=config_to_dict(ckpt.config),
-        signature=_signature(spec, "float32"),
+        signature=_signature(spec),
         parity=_parity_report(report),
         provenance=Provenance(
             source_checkpoint=str(Path(request.checkpoint).resolve()),

@@ -1,7 +1,8 @@
 """``python -m model_store``: list what a store holds, verify its checksums.
 
 Exit codes: 0 all good, 1 a mismatch or an unreadable manifest, 2 usage errors (missing store,
-unknown model).
+unknown model). A version whose manifest schema is refused as outdated (its graph cannot be
+served by this version; re-export it) is reported but is not an error: the store is intact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from model_store.errors import (
     ManifestError,
     ModelNotFoundError,
     ModelStoreError,
+    OutdatedManifestError,
     StoreNotFoundError,
 )
 from model_store.manifest import Manifest
@@ -81,6 +83,8 @@ def _cmd_list(repo: ModelRepository, args: argparse.Namespace) -> int:
         for version in repo.list_versions(name):
             try:
                 rows.append(_row(repo.load_manifest(name, version)))
+            except OutdatedManifestError as exc:
+                print(f"warning: {name}/{version} is outdated: {exc}", file=sys.stderr)
             except ManifestError as exc:
                 broken += 1
                 print(f"warning: {name}/{version}: {exc}", file=sys.stderr)
@@ -95,6 +99,8 @@ def _verification_lines(result: VerificationResult) -> list[str]:
     label = f"{result.name}/{result.version}"
     if result.ok:
         return [f"OK        {label}"]
+    if result.outdated:
+        return [f"OUTDATED  {label}  manifest.json: {result.error}"]
     if result.error is not None:
         return [f"MISMATCH  {label}  manifest.json: {result.error}"]
     lines = []
@@ -122,10 +128,12 @@ def _cmd_verify(repo: ModelRepository, args: argparse.Namespace) -> int:
         return EXIT_OK
     for result in results.values():
         print("\n".join(_verification_lines(result)))
-    n_bad = sum(not result.ok for result in results.values())
+    n_outdated = sum(result.outdated for result in results.values())
+    n_bad = sum(not result.ok for result in results.values()) - n_outdated
+    outdated = f", {n_outdated} OUTDATED (re-export to serve)" if n_outdated else ""
     print(
         f"verified {len(results)} version(s) in {repo.root}: "
-        f"{len(results) - n_bad} OK, {n_bad} MISMATCH"
+        f"{len(results) - n_bad - n_outdated} OK, {n_bad} MISMATCH{outdated}"
     )
     return EXIT_MISMATCH if n_bad else EXIT_OK
 

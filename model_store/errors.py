@@ -30,6 +30,16 @@ class ManifestError(ModelStoreError):
         super().__init__(f"{path}: {reason}")
 
 
+class OutdatedManifestError(ManifestError):
+    """A manifest of an older schema whose graph this version of Longhaul cannot serve: its
+    migration refuses it. The files are intact; re-exporting the checkpoint replaces it."""
+
+    def __init__(self, path: Path, reason: str, schema_version: int, format: str | None) -> None:
+        super().__init__(path, reason)
+        self.schema_version = schema_version
+        self.format = format
+
+
 class ModelNotFoundError(ModelStoreError):
     """No model of that name has any version in the store."""
 

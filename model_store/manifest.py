@@ -7,7 +7,10 @@ version and the file checksums, the service reads it to choose a backend, enforc
 unknown fields, so a typo in a hand-edited manifest is an error rather than a silent default.
 
 Documents written by an older ``schema_version`` are upgraded on load through
-:data:`MIGRATIONS`; documents from a newer one are refused with a :class:`ManifestError`.
+:data:`MIGRATIONS`, or refused with an :class:`OutdatedManifestError` where the graph they
+describe cannot be served any more; documents from a newer one are refused with a
+:class:`ManifestError`. Every change to what a manifest means bumps :data:`SCHEMA_VERSION`
+(docs/decisions.md, "Manifest schema versions").
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from typing import Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model_store.errors import ManifestError
+from model_store.errors import ManifestError, OutdatedManifestError
 
-SCHEMA_VERSION = 1
+# 1: the first schema. 2: a kv_cache graph returns only the new tokens' cache entries
+# (new_key_values). 3: its past goes in as one input per layer and per key/value (cache.inputs,
+# whose common prefix is cache.input_prefix, formerly cache.input).
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 # A manifest built before publishing does not know its version yet; publish allocates one.
 UNASSIGNED_VERSION = 0
@@ -52,9 +58,6 @@ Precision = Literal["fp32", "bf16", "fp16", "int8"]
 GenerationMode = Literal["kv_cache", "full_sequence"]
 
 Document = dict[str, Any]
-# MIGRATIONS[v] upgrades a schema-v document to schema v + 1; load() chains them up to
-# SCHEMA_VERSION. Empty while there is a single schema: add an entry with each bump.
-MIGRATIONS: dict[int, Callable[[Document], Document]] = {}
 
 
 def check_relative_path(path: str) -> str:
@@ -105,9 +108,7 @@ class TensorSpec(_Frozen):
 
 
 # docs/contracts.md: a kv_cache graph returns only the new tokens' cache entries, under this
-# name. Graphs exported before that returned the whole present cache as "present_key_values";
-# their manifests still parse (the store keeps what it published), but a server must not run
-# them as if they followed the new contract: see CacheLayout.stale_contract.
+# name (schema 2 on; see MIGRATIONS for older graphs).
 NEW_ENTRIES_OUTPUT = "new_key_values"
 # The past goes in as one input per layer and per key/value, named as Hugging Face Optimum
 # names them; one stacked past input made ONNX Runtime copy the whole cache every step.
@@ -151,19 +152,17 @@ class CacheLayout(_Frozen):
     axes of the cache as a whole (the output, and the buffer a server keeps): past input
     ``inputs[2 l + kv]`` is its slice ``[l, kv]``."""
 
-    input: str = Field(
+    input_prefix: str = Field(
         min_length=1,
-        description="the past's name: prefix of the per-layer inputs, e.g. past_key_values",
+        description="prefix of the per-layer past inputs' names, e.g. past_key_values",
     )
     inputs: list[str] = Field(
-        default_factory=list,
+        min_length=2,
         description="per-layer past inputs, layer-major, key before value: "
-        "past_key_values.{l}.key, past_key_values.{l}.value (past_input_names); empty in "
-        "manifests of graphs exported with one stacked past input (refused: stale_contract)",
+        "past_key_values.{l}.key, past_key_values.{l}.value (past_input_names)",
     )
-    output: str = Field(
-        min_length=1,
-        description="graph output holding only the new tokens' entries: new_key_values",
+    output: Literal["new_key_values"] = Field(
+        description="graph output holding only the new tokens' entries",
     )
     layout: list[str] = Field(
         min_length=1,
@@ -181,38 +180,13 @@ class CacheLayout(_Frozen):
 
     @model_validator(mode="after")
     def _one_input_per_layer_and_kv(self) -> Self:
-        expected = past_input_names(self.input, self.n_layers)
-        if self.inputs and self.inputs != expected:
+        expected = past_input_names(self.input_prefix, self.n_layers)
+        if self.inputs != expected:
             raise ValueError(
                 f"past inputs {self.inputs} for {self.n_layers} layers: expected one key and "
                 f"one value input per layer, named {expected}"
             )
         return self
-
-    def stale_contract(self) -> str | None:
-        """Why a graph exported under an older cache contract cannot be served, or None.
-
-        The first graphs returned the whole present cache (past + new) instead of the new
-        entries alone; a server reading that output as new entries would corrupt every cache.
-        The next ones took the past as ONE stacked input, which ONNX Runtime copied whole every
-        step, and a server passing per-layer inputs cannot feed them. Both are refused at load
-        and rebuilt by re-exporting their checkpoint.
-        """
-        if self.output != NEW_ENTRIES_OUTPUT:
-            return (
-                f"its kv_cache graph returns {self.output!r} (exported under the old contract "
-                f"that returned the whole cache); this version of Longhaul needs graphs whose "
-                f"cache output is {NEW_ENTRIES_OUTPUT!r}, the new tokens' entries only, and "
-                f"one past input per layer and per key/value (docs/contracts.md)"
-            )
-        if not self.inputs:
-            return (
-                f"its kv_cache graph takes the whole past as one input {self.input!r} (exported "
-                f"under the old contract with a stacked past); this version of Longhaul needs "
-                f"one past input per layer and per key/value ({self.input}.0.key, "
-                f"{self.input}.0.value, ...) (docs/contracts.md)"
-            )
-        return None
 
 
 class GraphSignature(_Frozen):
@@ -236,9 +210,7 @@ class GraphSignature(_Frozen):
                     "a cache layout is only meaningful with generation_mode 'kv_cache'"
                 )
             graph_inputs = {spec.name for spec in self.inputs}
-            # A stale manifest (one stacked past input) still parses; stale_contract refuses it.
-            past = self.cache.inputs or [self.cache.input]
-            missing = [name for name in past if name not in graph_inputs]
+            missing = [name for name in self.cache.inputs if name not in graph_inputs]
             if missing:
                 raise ValueError(f"cache inputs {missing} are not graph inputs")
             if self.cache.output not in {spec.name for spec in self.outputs}:
@@ -442,8 +414,65 @@ class Manifest(_Frozen):
         return cls.from_document(document, path)
 
 
+class MigrationRefusedError(Exception):
+    """Raised by a migration step: the document describes a graph this version cannot serve."""
+
+
+def _kv_cache(document: Document) -> dict[str, Any] | None:
+    signature = document.get("signature")
+    if not isinstance(signature, dict) or signature.get("generation_mode") != "kv_cache":
+        return None
+    cache = signature.get("cache")
+    return cache if isinstance(cache, dict) else None
+
+
+def _to_new_entries_output(document: Document) -> Document:
+    """1 -> 2. The first kv_cache graphs returned the whole present cache (past + new); a
+    server reading that output as the new entries would corrupt every cache, so they are
+    refused. Schema 1 stayed in use through both cache contract changes, so a schema-1 document
+    may already follow schema 2 or 3: its cache fields (output name, per-layer inputs) say which
+    contract its graph has, and such a document migrates unchanged."""
+    cache = _kv_cache(document)
+    if cache is not None and cache.get("output") != NEW_ENTRIES_OUTPUT:
+        raise MigrationRefusedError(
+            f"its kv_cache graph returns {cache.get('output')!r}, the whole cache (exported "
+            f"under the contract of schema 1); this version of Longhaul needs graphs whose "
+            f"cache output is {NEW_ENTRIES_OUTPUT!r}, the new tokens' entries only, and one past "
+            f"input per layer and per key/value (docs/contracts.md)"
+        )
+    return document
+
+
+def _to_per_layer_past(document: Document) -> Document:
+    """2 -> 3. kv_cache graphs that took the past as one stacked input (ONNX Runtime copied it
+    whole every step) cannot be fed the per-layer inputs the engine passes: refused. The others
+    list their per-layer inputs; the cache's ``input`` (their prefix) becomes ``input_prefix``."""
+    cache = _kv_cache(document)
+    if cache is not None and not cache.get("inputs"):
+        prefix = cache.get("input")
+        raise MigrationRefusedError(
+            f"its kv_cache graph takes the whole past as one input {prefix!r} (exported under "
+            f"the contract of schema 2); this version of Longhaul needs one past input per "
+            f"layer and per key/value ({prefix}.0.key, {prefix}.0.value, ...) "
+            f"(docs/contracts.md)"
+        )
+    if cache is not None and "input" in cache:
+        renamed = {("input_prefix" if k == "input" else k): v for k, v in cache.items()}
+        document["signature"] = {**document["signature"], "cache": renamed}
+    return document
+
+
+# MIGRATIONS[v] upgrades a schema-v document to schema v + 1, or raises MigrationRefusedError;
+# load() chains them up to SCHEMA_VERSION. Add an entry with each bump.
+MIGRATIONS: dict[int, Callable[[Document], Document]] = {
+    1: _to_new_entries_output,
+    2: _to_per_layer_past,
+}
+
+
 def migrate(document: Document, source: Path) -> Document:
-    """Upgrade ``document`` to :data:`SCHEMA_VERSION` one step at a time."""
+    """Upgrade ``document`` to :data:`SCHEMA_VERSION` one step at a time; raises
+    :class:`OutdatedManifestError` when a step refuses it."""
     version = document.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ManifestError(source, f"schema_version must be an integer, got {version!r}")
@@ -457,7 +486,13 @@ def migrate(document: Document, source: Path) -> Document:
         step = MIGRATIONS.get(version)
         if step is None:
             raise ManifestError(source, f"no migration from schema_version {version}")
-        document = step(dict(document))
+        try:
+            document = step(dict(document))
+        except MigrationRefusedError as exc:
+            fmt = document.get("format")
+            raise OutdatedManifestError(
+                source, str(exc), version, fmt if isinstance(fmt, str) else None
+            ) from exc
         version += 1
         document["schema_version"] = version
     return document

@@ -27,6 +27,7 @@ from typing import BinaryIO, Literal
 from model_store.errors import (
     ManifestError,
     ModelNotFoundError,
+    OutdatedManifestError,
     PublishError,
     StoreNotFoundError,
     VersionExistsError,
@@ -96,7 +97,9 @@ class FileMismatch:
 class VerificationResult:
     """Checksums of one version directory against its manifest.
 
-    ``error`` is set when the manifest itself cannot be read (then nothing else was checked).
+    ``error`` is set when the manifest itself cannot be read (then nothing else was checked);
+    ``outdated`` too when that is because its schema's migration refuses the graph (the version
+    is intact but no longer servable: re-export it).
     Files present on disk but not listed in the manifest make the version fail too: a published
     directory is exactly what was published.
     """
@@ -107,6 +110,7 @@ class VerificationResult:
     mismatches: list[FileMismatch] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
     error: str | None = None
+    outdated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -195,6 +199,8 @@ class ModelRepository:
         path = self.version_path(name, chosen)
         try:
             manifest = self._read(name, chosen)
+        except OutdatedManifestError as exc:
+            return VerificationResult(name, chosen, path, error=str(exc), outdated=True)
         except ManifestError as exc:
             return VerificationResult(name, chosen, path, error=str(exc))
 

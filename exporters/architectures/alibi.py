@@ -216,8 +216,9 @@ def alibi_attention_split(
 
     The caches are never concatenated: each block is scored, biased and masked on its own, only
     the masked (t × (P + t)) scores are concatenated for one softmax, and the output is
-    p_past @ past_v + p_new @ v. Concatenating the (b, h, P, e) caches per layer and per step
-    was what made a decode step's cost grow with copies of the whole cache.
+    p_past @ past_v + p_new @ v, because concatenating the (b, h, P, e) caches would copy the
+    whole cache per layer and per step (docs/decisions.md, "kv-cache graphs return only the new
+    entries").
     """
     p = past_k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale

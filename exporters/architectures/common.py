@@ -16,10 +16,11 @@ the service):
 * The ALiBi decoder (and the causal native Reformer) also has
   ``forward_step(input_ids, attention_mask, past_key_values)`` -> ``(logits, new_key_values)``
   where the mask covers past + new tokens (b, s + t), 0 at padding slots anywhere in the past,
-  the past cache is one stacked tensor (layers, 2, b, h, s, e) and ``new_key_values``
-  (layers, 2, b, h, t, e) holds only the new tokens' entries (what the ``kv_cache`` graph
-  exports); ``forward_cached`` takes the same inputs and returns the whole present cache
-  (layers, 2, b, h, s + t, e) for eager callers.
+  the past is one (key, value) pair of (b, h, s, e) tensors per layer (:data:`LayerCache`) and
+  ``new_key_values`` (layers, 2, b, h, t, e) holds only the new tokens' entries (what the
+  ``kv_cache`` graph exports); ``forward_cached`` takes the past as one stacked tensor
+  (layers, 2, b, h, s, e) instead and returns the whole present cache (layers, 2, b, h, s + t, e)
+  for eager callers (:class:`StackedCacheMixin`).
 * Configs are frozen dataclasses validated in ``__post_init__`` and expose ``task``
   ("encode" | "generate") and ``max_positions`` (hard length limit, or None when unbounded).
 """

@@ -15,10 +15,8 @@ row's real tokens are LEFT-aligned in slots [0, n_r) and the slots after them ar
 A decode step passes the whole buffer as per-layer views ``buffer[l, 0]``, ``buffer[l, 1]``
 (each one contiguous block, read in place by ONNX Runtime and torch), its mask and a 1 for the
 new token; the graph returns one entry per row, written in place at slot n_r. Nothing of size C
-is copied per token: before, the graph returned the whole present cache, which the engine
-adopted every step, and building it cost several copies of the cache inside the graph; then a
-single stacked past input made ONNX Runtime split (copy) it into layers every step
-(docs/decisions.md).
+is copied per token (docs/decisions.md: the measurements behind returning only the new entries
+and passing the past per layer).
 
 This is sound because both models derive positions from the mask (``positions = cumsum(mask) -
 1``): the free slots between a row's tokens and its new token shift neither ALiBi's distances

@@ -17,6 +17,7 @@ from model_store import (
     ModelRepository,
     ModelStoreError,
     ModelVersion,
+    OutdatedManifestError,
     VersionNotFoundError,
 )
 from service.backends import Backend, BackendError, create_backend
@@ -62,6 +63,15 @@ def resolve_version(repo: ModelRepository, name: str, version: int | None) -> Mo
         return repo.resolve(name, version)
     except (ModelNotFoundError, VersionNotFoundError) as exc:
         raise ModelNotFound(name, detail=str(exc)) from exc
+    except OutdatedManifestError as exc:
+        # Its files are intact (verification would pass): say what to do.
+        raise ModelLoadError(
+            name,
+            version,
+            f"{exc.reason}. Re-export it from its checkpoint: python -m exporters export "
+            f"<checkpoint> --format {exc.format or '<format>'} --store <store> --name {name} "
+            "(for the demo store, `make models` rebuilds it)",
+        ) from exc
     except ModelStoreError as exc:
         raise ModelLoadError(name, version, str(exc)) from exc
 
@@ -83,27 +93,6 @@ def verify_version(repo: ModelRepository, resolved: ModelVersion) -> None:
     raise ModelVerificationError(resolved.name, resolved.version, files, "; ".join(problems))
 
 
-def check_contract(resolved: ModelVersion) -> None:
-    """Refuse a graph exported under an older contract than this server speaks.
-
-    A ``kv_cache`` graph exported before it returned only the new tokens' cache entries
-    returns the whole cache instead; served as-is, the engine would write that into its cache
-    buffer as if it were one token's entries. One exported before the past went in per layer
-    takes a single stacked past input, which the engine no longer passes. Its files are intact
-    (verification passes), so the message says what to do: re-export from the checkpoint.
-    """
-    cache = resolved.manifest.signature.cache
-    problem = cache.stale_contract() if cache is not None else None
-    if problem is not None:
-        raise ModelLoadError(
-            resolved.name,
-            resolved.version,
-            f"{problem}. Re-export it from its checkpoint: python -m exporters export <checkpoint> "
-            f"--format {resolved.manifest.format} --store <store> --name {resolved.name} "
-            "(for the demo store, `make models` rebuilds it)",
-        )
-
-
 def load_model(
     repo: ModelRepository,
     name: str,
@@ -111,16 +100,14 @@ def load_model(
     settings: Settings,
     threads: int | None = None,
 ) -> LoadedModel:
-    """Verify checksums -> check the graph contract -> read tokenizer -> create backend. Blocking:
-    call it off the event loop.
+    """Verify checksums -> read tokenizer -> create backend. Blocking: call it off the event loop.
 
     Raises ``ModelNotFound`` (no such model/version), ``ModelVerificationError`` (checksums) or
     ``ModelLoadError`` (anything else that stops the version from loading, including a graph
-    exported under an older contract: :func:`check_contract`).
+    exported under an older contract, whose manifest's migration refuses it).
     """
     resolved = resolve_version(repo, name, version)
     verify_version(repo, resolved)
-    check_contract(resolved)
     try:
         tokenizer = Tokenizer.from_file(str(resolved.tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed file

@@ -10,7 +10,6 @@ Bounded: every wait has a deadline, and Prometheus is always stopped.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,7 +107,11 @@ def scraped(longhaul_server: Server, prometheus: Prometheus) -> Prometheus:
     expected = server_count(longhaul_server, "/v1/encode")
     assert expected >= 4  # the fixture's first request + these three
     wait_for(lambda: prometheus.value(f"sum({ENCODE_OK})") == expected, 30, f"{expected} encodes")
-    time.sleep(3)  # a few more scrapes, so rate() windows hold several samples
+    # Two more scrapes after that one, so rate() windows hold several samples of the traffic.
+    scrapes = 'count_over_time(up{job="longhaul"}[1h])'
+    seen = prometheus.value(scrapes)
+    assert seen is not None
+    wait_for(lambda: (prometheus.value(scrapes) or 0) >= seen + 2, 30, "two more scrapes")
     return prometheus
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model_store import Manifest, past_input_names
+from model_store import SCHEMA_VERSION, Manifest, past_input_names
 
 # stage(files={relative path: size}) -> staging directory of random bytes (conftest fixture)
 StageFn = Callable[..., Path]
@@ -15,7 +15,7 @@ StageFn = Callable[..., Path]
 def manifest_document(**overrides: Any) -> dict[str, Any]:
     """A valid fp32 ONNX ALiBi decoder manifest as plain JSON data, before publishing."""
     document: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "name": "tiny-alibi",
         "version": 0,
         "architecture": "alibi",
@@ -52,7 +52,7 @@ def manifest_document(**overrides: Any) -> dict[str, Any]:
             ],
             "generation_mode": "kv_cache",
             "cache": {
-                "input": "past_key_values",
+                "input_prefix": "past_key_values",
                 "inputs": past_input_names("past_key_values", 2),
                 "output": "new_key_values",
                 "layout": ["layers", "2", "batch", "heads", "past_sequence", "head_dim"],
@@ -111,12 +111,18 @@ def make_manifest(**overrides: Any) -> Manifest:
 OLD_CACHE_OUTPUT = "present_key_values"
 
 
-def with_stacked_past_contract(document: dict[str, Any]) -> dict[str, Any]:
+def with_stacked_past_contract(document: dict[str, Any], schema_version: int = 1) -> dict[str, Any]:
     """``document`` (a kv_cache manifest) as exported before the past went in per layer: one
     stacked input "past_key_values" (layers, 2, batch, heads, past_sequence, head_dim) and a
-    cache layout without ``inputs``."""
+    cache layout without ``inputs``. Such graphs were published as schema 1 (the number was
+    bumped only later) or, by the schema's own history, 2."""
     signature = document["signature"]
-    cache = {k: v for k, v in signature["cache"].items() if k != "inputs"}
+    # Before schema 3 the prefix field was called "input".
+    cache = {
+        ("input" if k == "input_prefix" else k): v
+        for k, v in signature["cache"].items()
+        if k != "inputs"
+    }
     per_layer = set(signature["cache"]["inputs"])
     stacked = {
         "name": cache["input"],
@@ -132,13 +138,13 @@ def with_stacked_past_contract(document: dict[str, Any]) -> dict[str, Any]:
     }
     inputs = [spec for spec in signature["inputs"] if spec["name"] not in per_layer]
     signature = {**signature, "inputs": [*inputs, stacked], "cache": cache}
-    return {**document, "signature": signature}
+    return {**document, "schema_version": schema_version, "signature": signature}
 
 
 def with_old_cache_contract(document: dict[str, Any]) -> dict[str, Any]:
     """``document`` (a kv_cache manifest) as exported before kv_cache graphs returned only the
     new tokens' entries: the past went in stacked (:func:`with_stacked_past_contract`) and the
-    cache output was the whole present cache, "present_key_values"."""
+    cache output was the whole present cache, "present_key_values". Schema 1."""
     document = with_stacked_past_contract(document)
     signature = document["signature"]
     new_name = signature["cache"]["output"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from model_store import Manifest, ModelRepository, sha256_file
 from model_store.cli import human_size, main
-from tests.model_store.builders import StageFn, make_manifest
+from tests.model_store.builders import StageFn, make_manifest, with_old_cache_contract
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +76,21 @@ def test_verify_all_ok(filled: ModelRepository, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out.splitlines()
     assert out[:3] == ["OK        alibi-bf16/1", "OK        tiny-alibi/1", "OK        tiny-alibi/2"]
     assert out[3].endswith("3 OK, 0 MISMATCH")
+
+
+def test_an_outdated_version_is_reported_but_is_not_a_failure(
+    filled: ModelRepository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its files are as published; only this version of Longhaul cannot serve its graph."""
+    path = filled.root / "tiny-alibi" / "1" / "manifest.json"
+    path.write_text(json.dumps(with_old_cache_contract(json.loads(path.read_text()))))
+    assert main(["verify", str(filled.root)]) == 0
+    out = capsys.readouterr().out
+    assert "OUTDATED  tiny-alibi/1  manifest.json:" in out and "'present_key_values'" in out
+    assert out.rstrip().endswith("2 OK, 0 MISMATCH, 1 OUTDATED (re-export to serve)")
+    assert main(["list", str(filled.root)]) == 0
+    captured = capsys.readouterr()
+    assert "tiny-alibi/1 is outdated" in captured.err and "tiny-alibi  2" in captured.out
 
 
 def test_verify_reports_tampered_missing_and_extra(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from model_store import (
     SCHEMA_VERSION,
     Manifest,
     ManifestError,
+    OutdatedManifestError,
     Provenance,
     past_input_names,
     past_inputs,
@@ -98,7 +100,7 @@ def test_manifest_is_frozen() -> None:
         ({"format": "tflite"}, "onnx"),
         ({"precision": "fp8"}, "fp32"),
         ({"max_context": 0}, "greater than or equal to 1"),
-        ({"schema_version": 2}, "always schema 1"),
+        ({"schema_version": SCHEMA_VERSION - 1}, f"always schema {SCHEMA_VERSION}"),
         ({"unexpected": 1}, "Extra inputs are not permitted"),
         ({"model_file": "model.ts"}, "format 'onnx' stores its graph"),
         ({"model_file": "../model.onnx"}, "not a plain relative path"),
@@ -138,7 +140,7 @@ def test_kv_cache_mode_requires_cache_layout() -> None:
 def test_cache_layout_must_name_graph_tensors() -> None:
     document = manifest_document()
     names = past_input_names("past", 2)
-    cache = {**document["signature"]["cache"], "input": "past", "inputs": names}
+    cache = {**document["signature"]["cache"], "input_prefix": "past", "inputs": names}
     with pytest.raises(ValidationError, match=r"cache inputs \['past\.0\.key'"):
         Manifest.model_validate(with_signature(cache=cache))
 
@@ -150,25 +152,61 @@ def test_cache_layout_names_one_key_and_one_value_input_per_layer() -> None:
             Manifest.model_validate(with_signature(cache={**cache, "inputs": inputs}))
 
 
-def test_old_whole_cache_contract_still_parses_but_is_reported_stale() -> None:
-    """A store keeps what it published: a graph exported when kv_cache graphs returned the
-    whole cache ("present_key_values") is a valid manifest, and says why it cannot be served."""
-    current = Manifest.model_validate(manifest_document()).signature.cache
-    assert current is not None and current.stale_contract() is None
-    old = Manifest.model_validate(with_old_cache_contract(manifest_document()))
-    assert old.signature.cache is not None
-    problem = old.signature.cache.stale_contract()
-    assert problem is not None
-    assert "'present_key_values'" in problem and "'new_key_values'" in problem
+@pytest.mark.parametrize(
+    ("downgrade", "named"),
+    [
+        (with_old_cache_contract, ["'present_key_values'", "'new_key_values'", "schema 1"]),
+        (with_stacked_past_contract, ["one input 'past_key_values'", "past_key_values.0.key"]),
+        (
+            lambda d: with_stacked_past_contract(d, schema_version=2),
+            ["one input 'past_key_values'", "schema 2"],
+        ),
+    ],
+)
+def test_a_graph_of_an_older_cache_contract_is_refused_by_its_migration(
+    tmp_path: Path, downgrade: Callable[[dict[str, Any]], dict[str, Any]], named: list[str]
+) -> None:
+    """The whole cache out (schema 1), or one stacked past input (schema 2): the migration to
+    the current schema refuses it, typed, with the document's schema and format."""
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(downgrade(manifest_document())))
+    with pytest.raises(OutdatedManifestError) as info:
+        Manifest.load(path)
+    assert all(part in info.value.reason for part in named), info.value.reason
+    assert info.value.format == "onnx"
+    assert info.value.schema_version in (1, 2)
 
 
-def test_stacked_past_contract_still_parses_but_is_reported_stale() -> None:
-    """The contract before per-layer past inputs: new entries out, but ONE past input."""
-    old = Manifest.model_validate(with_stacked_past_contract(manifest_document()))
-    assert old.signature.cache is not None and old.signature.cache.inputs == []
-    problem = old.signature.cache.stale_contract()
-    assert problem is not None
-    assert "one input 'past_key_values'" in problem and "past_key_values.0.key" in problem
+@pytest.mark.parametrize("task", ["generate", "encode"])
+def test_a_schema_1_document_of_the_current_contract_migrates_unchanged(
+    tmp_path: Path, task: str
+) -> None:
+    """Schema 1 stayed in use through both cache contract changes: a schema-1 kv_cache graph
+    with new_key_values and per-layer inputs, like any graph without a cache, is current (its
+    cache's prefix field, then called "input", is renamed)."""
+    current = manifest_document()
+    document = manifest_document(schema_version=1)
+    cache = document["signature"]["cache"]
+    cache["input"] = cache.pop("input_prefix")
+    if task == "encode":
+        document.update(
+            architecture="shatter", task="encode", signature=ENCODER_SIGNATURE, extrapolation=None
+        )
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(document))
+    manifest = Manifest.load(path)
+    assert manifest.schema_version == SCHEMA_VERSION
+    if task == "encode":
+        current.update(document, schema_version=SCHEMA_VERSION)
+    assert manifest == Manifest.model_validate(current)
+
+
+def test_a_current_schema_cache_layout_names_the_new_entries_and_every_past_input() -> None:
+    cache = manifest_document()["signature"]["cache"]
+    with pytest.raises(ValidationError, match="new_key_values"):
+        Manifest.model_validate(with_signature(cache={**cache, "output": "present_key_values"}))
+    with pytest.raises(ValidationError, match="inputs"):
+        Manifest.model_validate(with_signature(cache={**cache, "inputs": []}))
 
 
 def test_duplicate_tensor_names_and_unknown_dtypes_rejected() -> None:

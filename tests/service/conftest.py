@@ -130,6 +130,16 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(main())
 
 
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (a gauge, a queue, an engine's stats): tests order
+    events on the state they need, never on how long something usually takes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(0.001)
+
+
 # ------------------------------------------------------------------------------ live server
 
 
@@ -177,8 +187,7 @@ def start_live_server(settings: Settings, timeout: float = 120.0) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server(service_store: ServiceStore) -> Iterator[LiveServer]:
-    """One real server for the session over every model in the store (generate ones included
-    once the generation engine exists)."""
+    """One real server for the session over every model in the store, encode and generate."""
     server = start_live_server(make_settings(service_store.root, models=[]))
     yield server
     server.stop()

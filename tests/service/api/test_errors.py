@@ -17,7 +17,14 @@ from service.engine.batcher import EncodeBatcher
 from service.engine.models import LoadedModel
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.service.conftest import ServiceStore, make_settings, run, running_app, wait_ready
+from tests.service.conftest import (
+    ServiceStore,
+    make_settings,
+    run,
+    running_app,
+    wait_for,
+    wait_ready,
+)
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -288,7 +295,9 @@ def test_queue_full_is_429_with_retry_after(service_store: ServiceStore) -> None
             first = asyncio.create_task(http.post("/v1/encode", json=body))
             await asyncio.to_thread(entered.wait, 30)  # first is in the backend, queue empty
             second = asyncio.create_task(http.post("/v1/encode", json=body))
-            await asyncio.sleep(0.2)  # second is waiting in the queue: it is full
+            depth = app.state.metrics.registry.get_sample_value
+            # second is waiting in the queue: it is full
+            await wait_for(lambda: depth("longhaul_queue_depth", {"model": "lin"}) == 1, 30)
             rejected = await http.post("/v1/encode", json=body)
             gate.set()
             statuses = [r.status_code for r in await asyncio.gather(first, second)]

@@ -38,7 +38,7 @@ from service.engine.errors import EngineStopped, QueueFull
 from service.engine.models import LoadedModel
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.service.conftest import run
+from tests.service.conftest import run, wait_for
 from tests.service.engine.conftest import FakeBackend
 
 
@@ -111,6 +111,10 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def queue_depth(metrics: Metrics) -> float:
+    return sample(metrics, "longhaul_queue_depth", model="lin")
+
+
 def test_concurrent_requests_share_a_batch_and_get_their_own_results(
     fake_model: LoadedModel,
 ) -> None:
@@ -154,20 +158,22 @@ def test_budget_splits_concurrent_requests(fake_model: LoadedModel) -> None:
 
 
 def test_deadline_policy_holds_a_lone_request_up_to_max_wait(fake_model: LoadedModel) -> None:
+    """Nothing else arrives: the batch closes on the oldest request's deadline, not before (a
+    timer cannot fire early, so the lower bound is exact)."""
+    metrics = Metrics()
     batcher = EncodeBatcher(
-        fake_model, settings(max_wait_ms=40.0, batch_policy="deadline"), Metrics()
+        fake_model, settings(max_wait_ms=40.0, batch_policy="deadline"), metrics
     )
 
-    async def main() -> float:
+    async def main() -> None:
         await batcher.start()
-        started = time.perf_counter()
         await batcher.submit([np.array([5, 6], dtype=np.int64)], "cls")
-        elapsed = time.perf_counter() - started
         await batcher.stop()
-        return elapsed
 
-    elapsed = run(main())
-    assert 0.035 <= elapsed < 2.0
+    run(main())
+    assert backend_of(fake_model).batches == [(1, 2)]
+    assert sample(metrics, "longhaul_queue_duration_seconds_count", model="lin") == 1
+    assert sample(metrics, "longhaul_queue_duration_seconds_sum", model="lin") >= 0.035
 
 
 def test_queue_full_is_rejected_and_counted(fake_model: LoadedModel) -> None:
@@ -182,7 +188,7 @@ def test_queue_full_is_rejected_and_counted(fake_model: LoadedModel) -> None:
         first = asyncio.create_task(batcher.submit([row], "mean"))
         await asyncio.to_thread(backend.started.wait, 10)  # first is in flight, queue is empty
         second = asyncio.create_task(batcher.submit([row], "mean"))
-        await asyncio.sleep(0)  # second is now waiting: the queue is full
+        await wait_for(lambda: queue_depth(metrics) == 1)  # second waits: the queue is full
         with pytest.raises(QueueFull):
             await batcher.submit([row], "mean")
         backend.gate.set()  # type: ignore[union-attr]
@@ -196,12 +202,13 @@ def test_queue_full_is_rejected_and_counted(fake_model: LoadedModel) -> None:
 
 
 def test_stop_finishes_queued_work_then_refuses(fake_model: LoadedModel) -> None:
-    batcher = EncodeBatcher(fake_model, settings(max_wait_ms=10_000.0), Metrics())
+    metrics = Metrics()
+    batcher = EncodeBatcher(fake_model, settings(max_wait_ms=10_000.0), metrics)
 
     async def main() -> None:
         await batcher.start()
         pending = [asyncio.create_task(batcher.submit([np.array([9] * n)], "mean")) for n in (2, 3)]
-        await asyncio.sleep(0.01)
+        await wait_for(lambda: queue_depth(metrics) == 2)  # both queued
         await batcher.stop()  # must not wait 10 s for the batch deadline
         results = await asyncio.gather(*pending)
         assert [r[0][0] for r in results] == [9.0, 9.0]
@@ -233,13 +240,15 @@ def test_backend_failure_reaches_callers_and_worker_survives(fake_model: LoadedM
 def test_cancelled_caller_is_dropped_from_the_queue(fake_model: LoadedModel) -> None:
     # The deadline policy holds a lone request for max_wait_ms: a caller cancelled meanwhile is
     # still queued, and must leave the queue without reaching the backend.
-    policy = settings(max_wait_ms=50.0, batch_policy="deadline")
-    batcher = EncodeBatcher(fake_model, policy, Metrics())
+    metrics = Metrics()
+    batcher = EncodeBatcher(
+        fake_model, settings(max_wait_ms=50.0, batch_policy="deadline"), metrics
+    )
 
     async def main() -> None:
         await batcher.start()
         gone = asyncio.create_task(batcher.submit([np.array([5] * 7)], "mean"))
-        await asyncio.sleep(0.005)
+        await wait_for(lambda: queue_depth(metrics) == 1)  # queued, its batch not yet closed
         gone.cancel()
         (vector,) = await batcher.submit([np.array([6] * 3)], "mean")
         assert vector[0] == 6.0

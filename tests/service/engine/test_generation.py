@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -36,67 +33,20 @@ from service.engine.models import LoadedModel, load_model
 from service.engine.sampling import SamplingParams
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.service.conftest import EagerReference
+from tests.service.conftest import EagerReference, run, wait_for
+from tests.service.engine.conftest import (
+    OTHER_PROMPTS,
+    PROMPT,
+    Probe,
+    eager_greedy,
+    past_cache,
+    running,
+    settings_for,
+    with_backend,
+)
 
 T = TypeVar("T")
-PROMPT = "def parse(self, text):\n    return"
-OTHER_PROMPTS = ["import os\n", "class Foo(object):\n    def __init__(self, x, y, z):", "#"]
-
-
 # ----------------------------------------------------------------------------- fixtures
-
-
-@dataclass
-class Call:
-    input_shape: tuple[int, ...]
-    past_length: int  # slots of the past cache passed (a decode step: the buffer's capacity)
-    past_bytes: int
-    past_tokens: tuple[int, ...]  # real tokens of each row's past (its mask over the past)
-    outputs: dict[str, np.ndarray]
-
-
-def past_cache(inputs: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The past a kv_cache step was given (``past_key_values.{l}.key`` / ``.value``, as
-    DecodeBatch passes it), restacked as (L, 2, b, h, P, e); None for other graphs."""
-    layers = [value for name, value in inputs.items() if name.startswith("past_key_values.")]
-    if not layers:
-        return None
-    return np.stack(layers).reshape(len(layers) // 2, 2, *layers[0].shape)
-
-
-class Probe(Backend):
-    """Wraps a backend: records every call, can slow it down, hold it, or make it fail."""
-
-    provider = "probe"
-
-    def __init__(self, inner: Backend, delay: float = 0.0) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.calls: list[Call] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.fail: Exception | None = None
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.gate.wait(timeout=30)
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail is not None:
-            raise self.fail
-        outputs = self.inner.run(inputs)
-        past = past_cache(inputs)
-        slots = 0 if past is None else past.shape[4]
-        real = inputs["attention_mask"][:, :slots].sum(axis=1)
-        self.calls.append(
-            Call(
-                inputs["input_ids"].shape,
-                slots,
-                0 if past is None else past.nbytes,
-                tuple(int(n) for n in real),
-                outputs,
-            )
-        )
-        return outputs
 
 
 class CountingBackend(Backend):
@@ -157,10 +107,6 @@ def reference(trained: Trained) -> EagerReference:
     return trained.reference
 
 
-def with_backend(model: LoadedModel, backend: Backend) -> LoadedModel:
-    return replace(model, backend=backend)
-
-
 def counting_model(ali: LoadedModel, eos_after: int = -1) -> LoadedModel:
     layout = ali.manifest.signature.cache
     assert layout is not None
@@ -168,58 +114,11 @@ def counting_model(ali: LoadedModel, eos_after: int = -1) -> LoadedModel:
     return with_backend(ali, CountingBackend(CacheShape.from_layout(layout), vocab, eos_after))
 
 
-def settings_for(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"intra_op_threads": 2, "drain_timeout_seconds": 5.0}
-    values.update(overrides)
-    return Settings(**values)
-
-
-@asynccontextmanager
-async def running(
-    model: LoadedModel, metrics: Metrics | None = None, **overrides: Any
-) -> AsyncIterator[GenerationEngine]:
-    engine = GenerationEngine(model, settings_for(**overrides), metrics or Metrics())
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await coro
-
-    return asyncio.run(main())
-
-
 async def generate(
     engine: GenerationEngine, prompt: str | list[int], **params: Any
 ) -> GenerationResult:
     stream = await engine.submit(prompt, SamplingParams(**params))
     return await stream.collect()
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
-
-
-def eager_greedy(reference: EagerReference, ids: list[int], n: int) -> list[int]:
-    """The eager model's own greedy loop: full recompute per token, no cache, no batching."""
-    out: list[int] = []
-    model = reference.ckpt.model
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.tensor([ids + out], dtype=torch.long)
-            logits, _ = model(x, torch.ones_like(x))
-            out.append(int(logits[0, -1].argmax()))
-            if out[-1] == EOS_ID:
-                break
-    return out
 
 
 # ----------------------------------------------------------------------------- equivalence

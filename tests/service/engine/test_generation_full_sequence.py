@@ -23,8 +23,8 @@ from service.engine.models import LoadedModel, load_model
 from service.engine.sampling import SamplingParams
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.service.conftest import EagerReference
-from tests.service.engine.test_generation import OTHER_PROMPTS, PROMPT, Probe, run, with_backend
+from tests.service.conftest import EagerReference, run
+from tests.service.engine.conftest import OTHER_PROMPTS, PROMPT, Probe, with_backend
 
 
 def hf_compatible_copy(ckpt: Path, out: Path) -> Path:
@@ -100,7 +100,34 @@ def test_each_step_is_the_eager_full_recompute(
     assert result.token_ids == [int(t) for t in eager_logits.argmax(axis=-1)]
 
 
-def test_left_padded_batch_gives_each_sequence_its_solo_output(
+def test_equal_length_rows_share_a_pass_and_each_gets_its_solo_output(
+    reformer: tuple[LoadedModel, EagerReference],
+) -> None:
+    """Rows of equal length go through one forward pass together (no padding needed), and each
+    still computes exactly what it computes alone, including after the shortest one leaves."""
+    model, _ = reformer
+    requests = [
+        (PROMPT, SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed))
+        for n, seed in ((10, 5), (4, 6), (7, 7))
+    ]
+    requests.append((PROMPT, SamplingParams(max_new_tokens=6, temperature=0)))
+    alone = [run(generate_all(model, [request]))[0] for request in requests]
+    # The first request holds the backend (gate) until the others are queued, so those four
+    # join the running batch in the same step, at the same length.
+    blocker = (OTHER_PROMPTS[0], SamplingParams(max_new_tokens=1, temperature=0))
+    probe = Probe(model.backend)
+    together = run(generate_all(with_backend(model, probe), [blocker, *requests], gate=probe))[1:]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    # After the blocker's one pass, step k runs every request still generating its k-th token
+    # in one pass: four rows, then fewer as each reaches its length (or <eos>).
+    lengths = [len(r.token_ids) for r in alone]
+    expected = [sum(n >= k for n in lengths) for k in range(1, max(lengths) + 1)]
+    assert expected[0] == 4
+    assert [c.input_shape[0] for c in probe.calls] == [1, *expected]
+
+
+def test_rows_of_different_lengths_never_share_a_pass(
     reformer: tuple[LoadedModel, EagerReference],
 ) -> None:
     # The engine batches only rows of equal length (HF-mode chunking depends on padding), so a

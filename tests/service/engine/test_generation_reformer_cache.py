@@ -15,13 +15,12 @@ from model_store import ModelRepository
 from service.engine.models import LoadedModel, load_model
 from service.engine.sampling import SamplingParams
 from service.settings import Settings
-from tests.service.conftest import EagerReference
-from tests.service.engine.test_generation import (
+from tests.service.conftest import EagerReference, run
+from tests.service.engine.conftest import (
     OTHER_PROMPTS,
     PROMPT,
     Probe,
     eager_greedy,
-    run,
     running,
     with_backend,
 )

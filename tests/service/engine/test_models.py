@@ -76,12 +76,14 @@ def test_a_graph_exported_under_an_older_cache_contract_is_refused(
     downgrade: Callable[[dict[str, Any]], dict[str, Any]],
     named: str,
 ) -> None:
-    """Its files verify, but the engine cannot drive it: loading stops and says to re-export."""
+    """Its files are intact, but the engine cannot drive it: its manifest's migration refuses
+    it, and loading stops and says to re-export."""
     repo = ModelRepository(store_copy.root)
     path = repo.resolve("ali").path / "manifest.json"
     path.write_text(json.dumps(downgrade(json.loads(path.read_text()))))
-    assert repo.verify("ali").ok
+    assert repo.verify("ali").outdated
     with pytest.raises(ModelLoadError, match=re.escape(named)) as info:
         load_model(repo, "ali", None, Settings(store=store_copy.root))
     assert "Re-export it from its checkpoint" in str(info.value)
+    assert "--format onnx" in str(info.value)
     assert "make models" in str(info.value)
