@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import cpu_seconds, free_port, server_process
+from benchmarks.common import cpu_seconds, free_port, server_process, write_json
 from benchmarks.loadgen import LoadResult, run_load, wait_ready
 from benchmarks.models import REALISTIC, arch_config, build
 
@@ -147,6 +147,36 @@ def publish(ckpt: Path, store: Path, name: str, fmt: str, precision: str) -> dic
         "export_s": round(result.seconds, 1),
         "parity": result.report.summary(),
     }
+
+
+def reuse(ckpt: Path, store: Path, name: str, fmt: str, precision: str) -> dict[str, Any] | None:
+    """The published newest version of ``name`` when it is this checkpoint in this format and
+    precision (an earlier run's export, reused to save minutes); None otherwise."""
+    from exporters.checkpoint import directory_sha256
+    from model_store import ModelRepository
+
+    repo = ModelRepository(store)
+    if name not in repo.list_models():
+        return None
+    manifest = repo.load_manifest(name)
+    same = (
+        manifest.provenance.source_checkpoint_sha256 == directory_sha256(ckpt)
+        and (manifest.format, manifest.precision) == (fmt, precision)
+        and manifest.parity.passed
+    )
+    if not same:
+        return None
+    parity = manifest.parity
+    detail = (
+        f"max|diff| {parity.max_abs_diff:.2e} (tolerance {parity.tolerance:g})"
+        if parity.tolerance is not None
+        else f"min cosine {parity.min_cosine:.5f}"
+    )
+    return {
+        "name": name, "format": fmt, "precision": precision, "version": manifest.version,
+        "export_s": 0.0,
+        "parity": f"parity PASS: {detail} at lengths {parity.lengths} (reused version)",
+    }  # fmt: skip
 
 
 def request_bodies(ckpt: Path, p: ServingPlan) -> list[tuple[str, int]]:
@@ -393,6 +423,9 @@ def publish_decoder(workdir: Path, store: Path, fmt: str, precision: str) -> dic
     from benchmarks.generation_vs_hf import make_bloom
 
     _, ckpt = make_bloom(workdir, trained_context=256)
+    kept = reuse(ckpt, store, "decoder", fmt, precision)
+    if kept is not None:
+        return kept
     if (store / "decoder").is_dir():
         shutil.rmtree(store / "decoder")
     return publish(ckpt, store, "decoder", fmt, precision)
@@ -413,19 +446,11 @@ def run(
         exports.append(("longhaul onnx-fp32", "encoder-onnx-fp32", "onnx", "fp32"))
     published = []
     for _, name, f, prec in exports:
-        if (store / name).is_dir():
+        kept = reuse(ckpt, store, name, f, prec)
+        if kept is None and (store / name).is_dir():
             shutil.rmtree(store / name)  # a stale scratch version from an earlier run
-        published.append(publish(ckpt, store, name, f, prec))
+        published.append(kept or publish(ckpt, store, name, f, prec))
         log(f"  published {name} ({f} {prec}) in {published[-1]['export_s']} s")
-    from benchmarks.generation_vs_hf import available
-
-    missing = available() if p.with_two_models else None
-    if missing:
-        log(f"  two models at once: skipped ({missing})")
-    two = p.with_two_models and not missing
-    if two:
-        published.append(publish_decoder(workdir, store, fmt, precision))
-        log(f"  published decoder ({fmt} {precision}) in {published[-1]['export_s']} s")
 
     bodies = request_bodies(ckpt, p)
     targets = _targets(p, store, ckpt, [(label, name) for label, name, _, _ in exports])
@@ -442,9 +467,18 @@ def run(
                 results[target.label].append(row := _encode_row(target, proc, bodies, c, p))
                 _log_row(log, c, target.label, row)
 
+    write_json(workdir / "single-model.json", {"servers": results, "calibration": calibration})
     two_models: dict[str, list[dict[str, Any]]] = {}
-    if two:
+    from benchmarks.generation_vs_hf import available
+
+    missing = available() if p.with_two_models else None
+    if missing:
+        log(f"  two models at once: skipped ({missing})")
+    if p.with_two_models and not missing:
         from benchmarks.generation_vs_hf import prompts
+
+        published.append(publish_decoder(workdir, store, fmt, precision))
+        log(f"  published decoder ({fmt} {precision}) in {published[-1]['export_s']} s")
 
         texts = prompts(workdir / "hf-bloom" / "tokenizer.json", 16, 64)
         generate = [
