@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exporters.architectures.common import sinusoidal_positions
+from exporters.architectures.lsh import SELF_SCORE, lsh_attention, lsh_buckets
 from exporters.architectures.reformer import (
-    SELF_SCORE,
     SINUSOID_SCALE,
     ReformerConfig,
     ReformerModel,
     ReversibleBlock,
-    lsh_attention,
-    lsh_buckets,
 )
 
 TINY = ReformerConfig(

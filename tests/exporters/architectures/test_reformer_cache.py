@@ -9,13 +9,8 @@ import torch
 from torch import Tensor
 
 from exporters.architectures.common import layer_caches
-from exporters.architectures.reformer import (
-    ReformerConfig,
-    ReformerModel,
-    lsh_attention,
-    lsh_attention_cached,
-    lsh_buckets,
-)
+from exporters.architectures.lsh import lsh_attention, lsh_attention_cached, lsh_buckets
+from exporters.architectures.reformer import ReformerConfig, ReformerModel
 
 C = 4  # chunk length: the lengths below cross chunk boundaries and exceed 4 chunks
 CONFIG = ReformerConfig(
