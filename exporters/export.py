@@ -68,6 +68,9 @@ class ExportRequest:
     version: int | None = None
     max_context: int | None = None  # override; recorded in the manifest
     progress: bool = True
+    # None: the config's own task. "encode" also publishes a causal LM's full-sequence graph as
+    # an encoder (its hidden states, pooled by the service, on /v1/encode and /v1/embeddings).
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,20 @@ def _exportable(ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
+def _task(ckpt: Checkpoint, requested: str | None) -> str:
+    own = str(ckpt.config.task)
+    if requested is None or requested == own:
+        return own
+    if requested == "encode":  # any model's hidden states can be pooled; only LMs generate
+        return requested
+    raise ValueError(f"a {own} model cannot be published as {requested!r} (choose encode)")
+
+
 def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
-    """Short, trained and long: 2x trained (and max_context) for ALiBi, >= 4096 for the others."""
-    trained = ckpt.trained_context
+    """Short, trained and long: 2x trained (and max_context) for ALiBi, >= 4096 for the others.
+    Never past max_context: a model trained at 2^19 tokens but served at 64K is verified at the
+    lengths it is served at."""
+    trained = min(ckpt.trained_context, max_context)
     if ckpt.architecture == "alibi":
         long = {2 * trained, max_context}
     else:
@@ -243,7 +257,8 @@ def export(request: ExportRequest) -> ExportResult:
 
     steps = tqdm(total=4, desc=f"export {request.name}", disable=not request.progress)
     max_context, extrapolation = _max_context(ckpt, request)
-    spec = graph_spec(ckpt.config.task, ckpt.config)
+    task = _task(ckpt, request.task)
+    spec = graph_spec(task, ckpt.config)
     lengths = parity_lengths(ckpt, max_context)
     steps.update()
 
@@ -266,7 +281,7 @@ def export(request: ExportRequest) -> ExportResult:
             name=request.name,
             version=request.version or UNASSIGNED_VERSION,
             architecture=ckpt.architecture,  # type: ignore[arg-type]
-            task=ckpt.config.task,
+            task=task,  # type: ignore[arg-type]
             format=request.format,  # type: ignore[arg-type]
             precision=request.precision,  # type: ignore[arg-type]
             max_context=max_context,

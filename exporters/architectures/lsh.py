@@ -18,6 +18,7 @@ Longhaul's rule keeps a row's output independent of padding and, causally, of la
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,14 +32,24 @@ SELF_SCORE = -1e5
 HF_KEY_EPS = 1e-6
 
 
-def lsh_buckets(vecs: Tensor, rotations: Tensor, n_buckets: int) -> Tensor:
+def lsh_buckets(vecs: Tensor, rotations: Tensor, factors: Sequence[int]) -> Tensor:
     """Angular LSH: bucket = argmax over [xR, -xR] for a random rotation R per round.
 
-    vecs (b, h, t, e); rotations (h, e, r, n_buckets // 2) -> buckets (b, h, r, t) int64 in
-    [0, n_buckets).
+    vecs (b, h, t, e); rotations (h, e, r, sum(factors) // 2) -> buckets (b, h, r, t) int64 in
+    [0, prod(factors)). One factor is the paper's hashing into that many buckets. Several are
+    HF's factorised hashing (``num_buckets`` as a list): factor i hashes with its own slice of
+    f_i / 2 rotation columns, and the bucket is the mixed-radix number of the per-factor
+    buckets, ``b_0 + f_0·b_1 + f_0·f_1·b_2 ...``; 64 × 128 buckets then cost 96 columns, not
+    4096. The factors are config constants, so the loop unrolls in an exported graph.
     """
     rotated = torch.einsum("bhte,herk->bhrtk", vecs, rotations.to(vecs.dtype))  # (b, h, r, t, k)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)  # (b, h, r, t)
+    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.long, device=vecs.device)
+    start, radix = 0, 1
+    for factor in factors:
+        part = rotated[..., start : start + factor // 2]  # (b, h, r, t, f/2)
+        buckets = buckets + radix * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        start, radix = start + factor // 2, radix * factor
+    return buckets  # (b, h, r, t)
 
 
 def look_one_back(x: Tensor, wrap: bool = False) -> Tensor:

@@ -100,6 +100,9 @@ class ReformerConfig:
     d_ff: int = 256  # feed-forward inner width
     chunk_length: int = 32  # LSH chunk length c; inputs are padded internally to a multiple
     n_buckets: int = 8  # hash buckets per round (even: half are the negated rotations)
+    # Factorised hashing (HF's num_buckets as a list): () = one factor, n_buckets itself. Each
+    # factor even, their product n_buckets; the rotations have sum(factors) / 2 columns.
+    bucket_factors: tuple[int, ...] = ()
     n_hashes: int = 2  # hash rounds r; more rounds, fewer missed neighbours, r× the cost
     hash_seed: int = 0  # seeds the fixed rotations (layer i uses hash_seed + i)
     # Feed-forward applied over the sequence in pieces of this many tokens to cap the peak
@@ -146,6 +149,15 @@ class ReformerConfig:
             )
         if self.n_buckets % 2:
             raise ValueError(f"n_buckets must be even, got {self.n_buckets}")
+        object.__setattr__(self, "bucket_factors", tuple(self.bucket_factors))
+        if self.bucket_factors and (
+            any(f <= 0 or f % 2 for f in self.bucket_factors)
+            or math.prod(self.bucket_factors) != self.n_buckets
+        ):
+            raise ValueError(
+                f"bucket_factors {self.bucket_factors} must be positive even numbers whose "
+                f"product is n_buckets ({self.n_buckets})"
+            )
         if self.hash_seed < 0:
             raise ValueError(f"hash_seed must be non-negative, got {self.hash_seed}")
         if self.ff_chunk_size < 0:
@@ -200,6 +212,11 @@ class ReformerConfig:
         return None
 
     @property
+    def hash_factors(self) -> tuple[int, ...]:
+        """The factors ``lsh_buckets`` hashes with: (n_buckets,) unless factorised."""
+        return self.bucket_factors or (self.n_buckets,)
+
+    @property
     def head_dim(self) -> int:
         return self.attn_head_dim or self.d_model // self.n_heads
 
@@ -241,7 +258,7 @@ class LSHSelfAttention(nn.Module):
         # Fixed rotations, saved with the weights: hashing is part of the model, not noise. A loaded
         # checkpoint's rotations win over the ones drawn here.
         generator = torch.Generator().manual_seed(config.hash_seed + layer)
-        shape = (config.n_heads, config.head_dim, config.n_hashes, config.n_buckets // 2)
+        shape = (config.n_heads, config.head_dim, config.n_hashes, sum(config.hash_factors) // 2)
         self.register_buffer("rotations", torch.randn(shape, generator=generator))
 
     def forward(self, x: Tensor, key_mask: Tensor, hf_plain: Tensor | None = None) -> Tensor:
@@ -251,7 +268,7 @@ class LSHSelfAttention(nn.Module):
         # unflatten, not view(b, t, ...), so no batch/length size is baked into a trace.
         qk = self.qk(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
         v = self.v(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
-        buckets = lsh_buckets(qk, self.rotations, c.n_buckets)  # (b, h, r, t)
+        buckets = lsh_buckets(qk, self.rotations, c.hash_factors)  # (b, h, r, t)
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], c.n_buckets)  # pads last
         if c.hf_compatible:
             y = hf_lsh_attention(qk, v, buckets, key_mask, c.chunk_length, c.causal, hf_plain)
@@ -272,7 +289,7 @@ class LSHSelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
         qk_all = torch.cat([past[0], qk], dim=2)  # (b, h, s, e)
         v_all = torch.cat([past[1], v], dim=2)  # (b, h, s, e)
-        buckets = lsh_buckets(qk_all, self.rotations, c.n_buckets)  # (b, h, r, s)
+        buckets = lsh_buckets(qk_all, self.rotations, c.hash_factors)  # (b, h, r, s)
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], c.n_buckets)
         y = lsh_attention_cached(qk, qk_all, v_all, buckets, key_mask, c.chunk_length, c.n_buckets)
         return self.out(y.transpose(1, 2).flatten(2)), torch.stack([qk, v])
