@@ -42,6 +42,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         eval_text=args.eval_text,
         skip_extrapolation=args.skip_extrapolation,
+        task=args.task,
     )
     try:
         result = export(request)
@@ -87,6 +88,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
         args.out,
         tokenizer=args.tokenizer,
         trained_context=args.trained_context,
+        hash_seed=args.hash_seed,
+        byte_vocab_offset=args.byte_vocab_offset,
     )
     for note in result.notes:
         print(f"note: {note}")
@@ -149,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ALiBi: do not measure the length curve (hours for large models on a few CPU "
         "cores); serve --max-context unmeasured",
     )
+    p.add_argument(
+        "--task",
+        choices=("generate", "encode"),
+        default=None,
+        help="default: the model's own; encode publishes a causal LM for /v1/encode too",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -168,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="override the training length read from the source config",
+    )
+    p.add_argument(
+        "--hash-seed",
+        type=int,
+        default=None,
+        help="hf-reformer without hash_seed in its config: seed of the hashing rotations, fixed "
+        "once at import (default 0; recorded in the checkpoint)",
+    )
+    p.add_argument(
+        "--byte-vocab-offset",
+        type=int,
+        default=None,
+        help="the vocabulary is UTF-8 bytes shifted by N ids (HF's enwik8: 2, detected when "
+        "the source has no tokenizer file and 258 ids)",
     )
     p.set_defaults(func=_cmd_import)
 

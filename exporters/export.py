@@ -73,6 +73,9 @@ class ExportRequest:
     precision_reason: str | None = None  # recorded in the manifest; set by exporters.precision
     eval_text: Path | None = None  # ALiBi length curve on this file/directory, not the corpus
     skip_extrapolation: bool = False  # ALiBi: serve max_context unmeasured (needs max_context)
+    # None: the config's own task. "encode" also publishes a causal LM's full-sequence graph as
+    # an encoder (its hidden states, pooled by the service, on /v1/encode and /v1/embeddings).
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,20 @@ def _graph_model(ckpt: Checkpoint) -> torch.nn.Module:
     return model.eval()
 
 
+def _task(ckpt: Checkpoint, requested: str | None) -> str:
+    own = str(ckpt.config.task)
+    if requested is None or requested == own:
+        return own
+    if requested == "encode":  # any model's hidden states can be pooled; only LMs generate
+        return requested
+    raise ValueError(f"a {own} model cannot be published as {requested!r} (choose encode)")
+
+
 def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
     """Short, trained and long: 2x trained (and max_context) for a model that extrapolates
-    (ALiBi), >= 4096 for the others."""
-    trained = ckpt.trained_context
+    (ALiBi), >= 4096 for the others. Never past max_context: a model trained at 2^19 tokens but
+    served at 64K is verified at the lengths it is served at."""
+    trained = min(ckpt.trained_context, max_context)
     if get_architecture(ckpt.architecture).extrapolates:
         long = {2 * trained, max_context}
     else:
@@ -266,7 +279,7 @@ def build_manifest(
         name=request.name,
         version=request.version or UNASSIGNED_VERSION,
         architecture=ckpt.architecture,  # type: ignore[arg-type]
-        task=ckpt.config.task,
+        task="encode" if spec.mode == "encode" else "generate",  # --task encode: a pooled LM
         format=request.format,  # type: ignore[arg-type]
         precision=request.precision,  # type: ignore[arg-type]
         precision_reason=request.precision_reason or REQUESTED,
@@ -331,7 +344,8 @@ def export(request: ExportRequest) -> ExportResult:
 
     steps = tqdm(total=4, desc=f"export {request.name}", disable=not request.progress)
     max_context, extrapolation = _max_context(ckpt, request)
-    spec = graph_spec(ckpt.config.task, ckpt.config)
+    task = _task(ckpt, request.task)
+    spec = graph_spec(task, ckpt.config)
     lengths = parity_lengths(ckpt, max_context)
     steps.update()
 

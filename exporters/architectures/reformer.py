@@ -1,5 +1,6 @@
 """Reformer (Kitaev et al. 2020): LSH attention, reversible residual layers, chunked feed-forward.
 
+The modules that own parameters; the attention math itself is in lsh.py (pure functions).
 Shape legend (see common.py): b batch, t length (padded to a multiple of the chunk length),
 h heads, e head width, d model width, v vocabulary, r hash rounds, n chunks, c chunk length.
 
@@ -7,8 +8,8 @@ LSH attention: queries and keys share one projection (keys are the L2-normalised
 round hashes the vectors into buckets with a FIXED random rotation (a seeded buffer, so the same
 input always gives the same output), sorts positions by (bucket, position), cuts the sorted
 sequence into chunks of c and lets each chunk attend to itself and the chunk before it (the
-causal variant narrows that further so the future cannot leak, see ``lsh_attention``). The r
-rounds are combined weighted by each round's softmax normaliser (logsumexp).
+causal variant narrows that further so the future cannot leak, see ``lsh.lsh_attention``). The
+r rounds are combined weighted by each round's softmax normaliser (logsumexp).
 
 Padding never changes what a real token computes: padding keys are masked, padding positions are
 hashed into an extra bucket that sorts after every real one (so real tokens are chunked the same
@@ -19,13 +20,14 @@ independent of the length it was padded to in a batch.
 Incremental decoding (causal native models, ``ReformerModel.supports_kv_cache``): the causal
 rule makes a token's output a function of earlier tokens only, so ``forward_step`` reads each
 layer's cached qk vectors and values (ALiBi's cache layout: one (qk, v) pair per layer) and
-returns the new tokens' entries, and ``lsh_attention_cached`` applies the same rule to the new
-tokens without sorting; it equals
-``forward`` up to float rounding. Padding slots may sit anywhere in the past (positions and
-bucket ranks count real tokens only); ``forward_cached`` returns the whole present cache.
+returns the new tokens' entries, and ``lsh.lsh_attention_cached`` applies the same rule to the
+new tokens without sorting; it equals ``forward`` up to float rounding. Padding slots may sit
+anywhere in the past (positions and bucket ranks count real tokens only); ``forward_cached``
+returns the whole present cache.
 
 HF-compatible mode (``hf_compatible=True``, for checkpoints imported from HF ``transformers``)
-reproduces HF's ``ReformerModelWithLMHead`` instead, and so gives up both properties above:
+reproduces HF's ``ReformerModelWithLMHead`` instead (``lsh.hf_lsh_attention``), and so gives up
+both properties above:
 
 * chunk look-back wraps: HF concatenates the hash rounds into one sorted sequence, so the first
   chunk of round k looks back at the last chunk of round k − 1 (round 0 at the last round's);
@@ -73,274 +75,20 @@ from exporters.architectures.common import (
     require_token_ids,
     sinusoidal_positions,
 )
+from exporters.architectures.lsh import (
+    hf_lsh_attention,
+    local_attention,
+    lsh_attention,
+    lsh_attention_cached,
+    lsh_buckets,
+)
 
 AttentionKind = Literal["lsh", "local"]
 PositionEmbedding = Literal["sinusoidal", "learned", "axial"]
 StreamMerge = Literal["mean", "concat"]
 
-# Score for a query attending to its own position: large enough that it loses to every real key,
-# finite so it still beats the (far more negative) masked keys when nothing else is available.
-SELF_SCORE = -1e5
 # RMS of a sinusoidal encoding is 1/sqrt(2) per dimension; this brings it to 0.02 (init std).
 SINUSOID_SCALE = 0.02 * 2**0.5
-# HF's length normalisation epsilon for LSH keys (hf_compatible only).
-HF_KEY_EPS = 1e-6
-
-
-def lsh_buckets(vecs: Tensor, rotations: Tensor, n_buckets: int) -> Tensor:
-    """Angular LSH: bucket = argmax over [xR, -xR] for a random rotation R per round.
-
-    vecs (b, h, t, e); rotations (h, e, r, n_buckets // 2) -> buckets (b, h, r, t) int64 in
-    [0, n_buckets).
-    """
-    rotated = torch.einsum("bhte,herk->bhrtk", vecs, rotations.to(vecs.dtype))  # (b, h, r, t, k)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)  # (b, h, r, t)
-
-
-def _look_one_back(x: Tensor, wrap: bool = False) -> Tensor:
-    """(b, h, r, n, c, ...) -> (b, h, r, n, 2c, ...): each chunk followed by the previous one.
-
-    Without ``wrap``, chunk 0 gets a block of zeros / False instead of wrapping around to the
-    last chunk; the caller marks that block invalid. No wrap-around keeps outputs independent of
-    padding. With ``wrap`` (HF), the r rounds form one sequence of r·n chunks and chunk 0 of round
-    k looks back at the last chunk of round k − 1, round 0 at the last round's.
-    """
-    if wrap:
-        flat = x.flatten(2, 3)  # (b, h, r*n, c, ...)
-        prev = torch.cat([flat[:, :, -1:], flat[:, :, :-1]], dim=2).unflatten(2, x.shape[2:4])
-    else:
-        prev = torch.cat([torch.zeros_like(x[:, :, :, :1]), x[:, :, :, :-1]], dim=3)
-    return torch.cat([x, prev], dim=4)
-
-
-def _hf_plain(t: int, c: int, device: torch.device, hf_plain: Tensor | None) -> Tensor:
-    """0-d bool: would HF run this layer as plain attention (no chunks, no hash rounds)?
-
-    HF does when the (padded) sequence fits one chunk, or when the model's input was no longer
-    than its shortest chunk length (``hf_plain``, then HF pads nothing). Computed from shapes as
-    a tensor, not a Python bool, so an exported graph decides it again for every length.
-    """
-    plain = torch.arange(t, device=device)[-1] < c
-    return plain if hf_plain is None else plain | hf_plain
-
-
-def _drop_look_back(valid: Tensor, plain: Tensor, c: int) -> Tensor:
-    """valid (..., n, 2c) -> the same with the look-back block masked where ``plain``.
-
-    In plain attention the real tokens all sit in chunk 0 of a round and the wrapped look-back
-    holds either padding or the same keys again. A softmax ignores a uniform repeat except
-    through rounding at SELF_SCORE: a first token that can attend only to itself would weigh
-    2 × exp(−1e5 − lse) with lse rounded at magnitude 1e5, 0.4% off instead of exactly 1.
-    """
-    look_back = torch.arange(2 * c, device=valid.device) >= c  # (2c,)
-    return valid & ~(look_back & plain)
-
-
-def lsh_attention(
-    qk: Tensor,
-    v: Tensor,
-    buckets: Tensor,
-    key_mask: Tensor,
-    chunk_length: int,
-    causal: bool,
-    hf_compatible: bool = False,
-    hf_plain: Tensor | None = None,
-) -> Tensor:
-    """Shared-QK attention within LSH chunks, r rounds combined by logsumexp weighting.
-
-    qk, v (b, h, t, e) with t a multiple of chunk_length; buckets (b, h, r, t) int64 (give padding
-    a bucket above every real one to keep padding from re-chunking real tokens); key_mask (b, t)
-    bool, True for real tokens. Returns (b, h, t, e). A query attends to its own position only
-    when no other key is visible; a query with no valid key at all gets a finite (uniform) row.
-
-    Bidirectional: a query sees every valid key of its chunk and the previous one. Causal: plain
-    chunking would leak the future, since a later token's bucket shifts the chunk boundaries of
-    earlier ones and so changes which keys they see. So a causal query sees only earlier keys of
-    its OWN bucket at most c sorted slots back: within a bucket the sort is by position, so that
-    set is "its up-to-c most recent same-bucket predecessors", a function of earlier tokens only.
-    It always lies inside the chunk and the previous one, so the chunked shapes are unchanged.
-
-    ``hf_compatible``: HF's rules instead (module docstring): wrapped look-back, causal by
-    position only, HF's key normalisation and score scale; ``hf_plain`` (0-d bool) says that HF
-    would attend plainly because the model's input was no longer than its shortest chunk.
-    """
-    b, h, t, e = qk.shape
-    r = buckets.shape[2]
-    c = chunk_length
-    positions = torch.arange(t, device=qk.device)
-    # bucket * t + position is unique, so the sort has no ties: eager and ONNX Runtime agree.
-    order = torch.argsort(buckets * t + positions, dim=-1)  # (b, h, r, t) original positions
-    flat = order.reshape(b, h, r * t, 1).expand(-1, -1, -1, e)  # (b, h, r*t, e)
-
-    q = qk.gather(2, flat).reshape(b, h, r, -1, c, e).float()  # (b, h, r, n, c, e)
-    if hf_compatible:
-        # HF: RMS-normalise, then divide by √e (≈ unit length), and leave the scores unscaled.
-        k = q * torch.rsqrt(q.pow(2).mean(dim=-1, keepdim=True) + HF_KEY_EPS) / math.sqrt(e)
-        scale = 1.0
-    else:
-        k = F.normalize(q, dim=-1)  # shared QK: keys are unit-length queries
-        scale = e**-0.5
-    v_sorted = v.gather(2, flat).reshape(b, h, r, -1, c, e)  # (b, h, r, n, c, e)
-    pos_q = order.reshape(b, h, r, -1, c)  # (b, h, r, n, c)
-    valid = key_mask[:, None, None, :].expand(b, h, r, t).gather(3, order)  # (b, h, r, t)
-    valid = valid.reshape(b, h, r, -1, c)  # (b, h, r, n, c)
-    bucket_q = buckets.gather(3, order).reshape(b, h, r, -1, c)  # (b, h, r, n, c)
-    slot_q = positions.reshape(-1, c)  # (n, c) index in the sorted sequence
-
-    wrap = hf_compatible
-    k = _look_one_back(k, wrap)  # (b, h, r, n, 2c, e)
-    v_sorted = _look_one_back(v_sorted, wrap)  # (b, h, r, n, 2c, e)
-    pos_k = _look_one_back(pos_q, wrap)  # (b, h, r, n, 2c)
-    valid = _look_one_back(valid, wrap)  # (b, h, r, n, 2c); unwrapped: chunk 0's block is False
-    plain = _hf_plain(t, c, qk.device, hf_plain)
-    if wrap:
-        valid = _drop_look_back(valid, plain, c)
-
-    # Scores and softmax in fp32 (bf16/fp16 models too) so the two mask levels stay ordered.
-    scores = (q @ k.transpose(-1, -2)) * scale  # (b, h, r, n, c, 2c)
-    scores = scores.masked_fill(pos_q[..., :, None] == pos_k[..., None, :], SELF_SCORE)
-    masked = ~valid[..., None, :]  # (b, h, r, n, 1, 2c)
-    if causal and hf_compatible:
-        masked = masked | (pos_k[..., None, :] > pos_q[..., :, None])  # (b, h, r, n, c, 2c)
-    elif causal:
-        bucket_k = _look_one_back(bucket_q)  # (b, h, r, n, 2c)
-        slot_k = _look_one_back(slot_q[None, None, None])[0, 0, 0]  # (n, 2c)
-        masked = (
-            masked
-            | (pos_k[..., None, :] > pos_q[..., :, None])
-            | (bucket_k[..., None, :] != bucket_q[..., :, None])
-            | (slot_k[:, None, :] < slot_q[:, :, None] - c)
-        )  # (b, h, r, n, c, 2c)
-    # Masked keys must lose even to the self score; finite so an all-masked row stays finite.
-    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min / 2)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (b, h, r, n, c, 1)
-    out = torch.exp(scores - lse).to(v.dtype) @ v_sorted  # (b, h, r, n, c, e)
-
-    # Undo the sort: order is a permutation, so argsort(order) is its inverse.
-    undo = torch.argsort(order, dim=-1)  # (b, h, r, t)
-    out = out.reshape(b, h, r, t, e).gather(3, undo[..., None].expand(-1, -1, -1, -1, e))
-    lse = lse.reshape(b, h, r, t).gather(3, undo)  # (b, h, r, t)
-    # Each round is a softmax over its own keys; weighting the rounds by softmax(lse) makes the
-    # sum a softmax over the union of the rounds' keys (a key found twice counts twice).
-    weights = torch.softmax(lse, dim=2)  # (b, h, r, t)
-    if hf_compatible:
-        # HF's arithmetic, not just its math: exp(lse − logsumexp) rounds at the magnitude of
-        # SELF_SCORE for a token that sees only itself (the first one), so its rounds' weights
-        # sum to ≈ 0.998, not 1 as with softmax (which subtracts the max first). Plain attention
-        # has no rounds to combine in HF (every round here is the same): keep softmax.
-        hf_weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
-        weights = torch.where(plain, weights, hf_weights)
-    return (out * weights.to(v.dtype)[..., None]).sum(dim=2)  # (b, h, t, e)
-
-
-def lsh_attention_cached(
-    q_new: Tensor,
-    qk_all: Tensor,
-    v_all: Tensor,
-    buckets_all: Tensor,
-    key_mask: Tensor,
-    chunk_length: int,
-    n_buckets: int,
-) -> Tensor:
-    """The causal rule of :func:`lsh_attention` (native, not hf_compatible) for t NEW queries
-    over s cached + new keys, without sorting or chunking.
-
-    q_new (b, h, t, e): the new tokens' shared-QK vectors, which are also the LAST t of
-    qk_all, v_all (b, h, s, e); buckets_all (b, h, r, s) int64 in [0, n_buckets]; key_mask
-    (b, s) bool, True for real tokens (padding is moved to bucket n_buckets here). Returns
-    (b, h, t, e).
-
-    A causal query sees, per round, itself and its up-to-c most recent valid predecessors in its
-    own bucket (lsh_attention's docstring): in the (bucket, slot) order those are the c + 1
-    sorted positions ending at its own. That order needs no sort: a key's sorted position is the
-    number of valid keys in lower buckets plus its rank in its own bucket, both cumulative counts
-    over a one-hot of the buckets, and scattering slots to those positions inverts it. Each
-    query then gathers its c + 1 candidates and masks those outside its bucket (or before the
-    first). Itself scores SELF_SCORE, so it counts only when nothing else is visible; scores are
-    fp32 and rounds are combined by softmax over their logsumexp, as in :func:`lsh_attention`,
-    so the outputs equal a full forward's up to float rounding. Cost O(s·n_buckets + t·c·e) per
-    round and head: O(s) for one decoded token.
-    """
-    b, h, t, e = q_new.shape
-    s = qk_all.shape[-2]
-    r = buckets_all.shape[2]
-    c = chunk_length
-    device = q_new.device
-    buckets = buckets_all.masked_fill(~key_mask[:, None, None, :], n_buckets)  # (b, h, r, s)
-    one_hot = buckets[..., None] == torch.arange(n_buckets + 1, device=device)  # (..., s, nb+1)
-    counts = one_hot.long().cumsum(dim=3)  # (b, h, r, s, nb+1) keys of each bucket at <= slot
-    rank = counts.gather(4, buckets[..., None])[..., 0]  # (b, h, r, s), 1 for a bucket's first
-    totals = counts[:, :, :, -1]  # (b, h, r, nb+1) keys per bucket
-    offsets = totals.cumsum(dim=-1) - totals  # (b, h, r, nb+1) keys in lower buckets
-    sorted_pos = offsets.gather(3, buckets) + rank - 1  # (b, h, r, s) a permutation of slots
-    slots = torch.arange(s, device=device).expand(b, h, r, s)
-    order = torch.zeros_like(sorted_pos).scatter(3, sorted_pos, slots)  # sorted pos -> slot
-
-    # Candidates of each new query: the sorted positions pos − c .. pos (pos = its own).
-    back = torch.arange(c + 1, device=device)  # (c+1,) 0 = the query itself
-    window = sorted_pos[..., s - t :, None] - back  # (b, h, r, t, c+1)
-    cand = order.gather(3, window.clamp(min=0).flatten(3))  # (b, h, r, t*(c+1)) key slots
-    visible = (
-        (window >= 0)
-        & (buckets.gather(3, cand).unflatten(3, (t, c + 1)) == buckets[..., s - t :, None])
-        & key_mask[:, None, None, :].expand(b, h, r, s).gather(3, cand).unflatten(3, (t, c + 1))
-    )  # (b, h, r, t, c+1); same bucket and not before its first key => at or before the query
-
-    index = cand.reshape(b, h, -1, 1).expand(-1, -1, -1, e)  # (b, h, r*t*(c+1), e)
-    k = F.normalize(qk_all.float(), dim=-1).gather(2, index)  # shared QK: unit-length queries
-    k = k.reshape(b, h, r, t, c + 1, e)
-    v = v_all.gather(2, index).reshape(b, h, r, t, c + 1, e)
-    q = q_new.float()[:, :, None, :, None, :]  # (b, h, 1, t, 1, e)
-    scores = (q @ k.transpose(-1, -2))[..., 0, :] * e**-0.5  # (b, h, r, t, c+1)
-    scores = scores.masked_fill(back == 0, SELF_SCORE)
-    # Masked keys must lose even to the self score; finite so an all-masked row stays finite.
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min / 2)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (b, h, r, t, 1)
-    probs = torch.exp(scores - lse).to(v.dtype)[..., None, :]  # (b, h, r, t, 1, c+1)
-    out = (probs @ v)[..., 0, :]  # (b, h, r, t, e)
-    weights = torch.softmax(lse, dim=2)  # (b, h, r, t, 1): softmax over the rounds' keys
-    return (out * weights.to(v.dtype)).sum(dim=2)  # (b, h, t, e)
-
-
-def local_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_mask: Tensor,
-    chunk_length: int,
-    causal: bool,
-    wrap: bool,
-    hf_plain: Tensor | None = None,
-) -> Tensor:
-    """Chunked attention by position (HF Reformer's "local" layers): each chunk of c positions
-    attends to itself and the previous chunk; causal queries see no later key. No self mask.
-
-    q, k, v (b, h, t, e) with t a multiple of chunk_length; key_mask (b, t) bool. ``wrap``: chunk
-    0 looks back at the last chunk (HF) instead of at nothing; under the causal mask both are the
-    same (the last chunk lies in chunk 0's future, or is chunk 0 itself). ``hf_plain``: as in
-    :func:`lsh_attention`. Returns (b, h, t, e).
-    """
-    b, h, t, e = q.shape
-    c = chunk_length
-    positions = torch.arange(t, device=q.device)
-    # A singleton "round" axis so the LSH chunk helpers apply unchanged.
-    q = q.unflatten(2, (1, -1, c)).float()  # (b, h, 1, n, c, e)
-    k = _look_one_back(k.unflatten(2, (1, -1, c)).float(), wrap)  # (b, h, 1, n, 2c, e)
-    v = _look_one_back(v.unflatten(2, (1, -1, c)), wrap)  # (b, h, 1, n, 2c, e)
-    pos_q = positions.reshape(1, 1, 1, -1, c)  # (1, 1, 1, n, c)
-    pos_k = _look_one_back(pos_q, wrap)  # (1, 1, 1, n, 2c)
-    valid = _look_one_back(key_mask.reshape(b, 1, 1, -1, c), wrap)  # (b, 1, 1, n, 2c)
-    if wrap:
-        valid = _drop_look_back(valid, _hf_plain(t, c, q.device, hf_plain), c)
-
-    scores = (q @ k.transpose(-1, -2)) * e**-0.5  # (b, h, 1, n, c, 2c)
-    masked = ~valid[..., None, :]  # (b, 1, 1, n, 1, 2c)
-    if causal:
-        masked = masked | (pos_k[..., None, :] > pos_q[..., :, None])
-    # Finite: a padding query with no visible key gets a uniform row instead of NaN.
-    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min / 2)
-    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (b, h, 1, n, c, e)
-    return out.reshape(b, h, t, e)
 
 
 @dataclass(frozen=True)
@@ -352,6 +100,9 @@ class ReformerConfig:
     d_ff: int = 256  # feed-forward inner width
     chunk_length: int = 32  # LSH chunk length c; inputs are padded internally to a multiple
     n_buckets: int = 8  # hash buckets per round (even: half are the negated rotations)
+    # Factorised hashing (HF's num_buckets as a list): () = one factor, n_buckets itself. Each
+    # factor even, their product n_buckets; the rotations have sum(factors) / 2 columns.
+    bucket_factors: tuple[int, ...] = ()
     n_hashes: int = 2  # hash rounds r; more rounds, fewer missed neighbours, r× the cost
     hash_seed: int = 0  # seeds the fixed rotations (layer i uses hash_seed + i)
     # Feed-forward applied over the sequence in pieces of this many tokens to cap the peak
@@ -398,6 +149,15 @@ class ReformerConfig:
             )
         if self.n_buckets % 2:
             raise ValueError(f"n_buckets must be even, got {self.n_buckets}")
+        object.__setattr__(self, "bucket_factors", tuple(self.bucket_factors))
+        if self.bucket_factors and (
+            any(f <= 0 or f % 2 for f in self.bucket_factors)
+            or math.prod(self.bucket_factors) != self.n_buckets
+        ):
+            raise ValueError(
+                f"bucket_factors {self.bucket_factors} must be positive even numbers whose "
+                f"product is n_buckets ({self.n_buckets})"
+            )
         if self.hash_seed < 0:
             raise ValueError(f"hash_seed must be non-negative, got {self.hash_seed}")
         if self.ff_chunk_size < 0:
@@ -452,6 +212,11 @@ class ReformerConfig:
         return None
 
     @property
+    def hash_factors(self) -> tuple[int, ...]:
+        """The factors ``lsh_buckets`` hashes with: (n_buckets,) unless factorised."""
+        return self.bucket_factors or (self.n_buckets,)
+
+    @property
     def head_dim(self) -> int:
         return self.attn_head_dim or self.d_model // self.n_heads
 
@@ -493,7 +258,7 @@ class LSHSelfAttention(nn.Module):
         # Fixed rotations, saved with the weights: hashing is part of the model, not noise. A loaded
         # checkpoint's rotations win over the ones drawn here.
         generator = torch.Generator().manual_seed(config.hash_seed + layer)
-        shape = (config.n_heads, config.head_dim, config.n_hashes, config.n_buckets // 2)
+        shape = (config.n_heads, config.head_dim, config.n_hashes, sum(config.hash_factors) // 2)
         self.register_buffer("rotations", torch.randn(shape, generator=generator))
 
     def forward(self, x: Tensor, key_mask: Tensor, hf_plain: Tensor | None = None) -> Tensor:
@@ -503,11 +268,12 @@ class LSHSelfAttention(nn.Module):
         # unflatten, not view(b, t, ...), so no batch/length size is baked into a trace.
         qk = self.qk(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
         v = self.v(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
-        buckets = lsh_buckets(qk, self.rotations, c.n_buckets)  # (b, h, r, t)
+        buckets = lsh_buckets(qk, self.rotations, c.hash_factors)  # (b, h, r, t)
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], c.n_buckets)  # pads last
-        y = lsh_attention(
-            qk, v, buckets, key_mask, c.chunk_length, c.causal, c.hf_compatible, hf_plain
-        )
+        if c.hf_compatible:
+            y = hf_lsh_attention(qk, v, buckets, key_mask, c.chunk_length, c.causal, hf_plain)
+        else:
+            y = lsh_attention(qk, v, buckets, key_mask, c.chunk_length, c.causal)
         return self.out(y.transpose(1, 2).flatten(2))  # (b, h, t, e) -> (b, t, d)
 
     def forward_step(self, x: Tensor, key_mask: Tensor, past: LayerCache) -> tuple[Tensor, Tensor]:
@@ -523,7 +289,7 @@ class LSHSelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, (c.n_heads, c.head_dim)).transpose(1, 2)  # (b, h, t, e)
         qk_all = torch.cat([past[0], qk], dim=2)  # (b, h, s, e)
         v_all = torch.cat([past[1], v], dim=2)  # (b, h, s, e)
-        buckets = lsh_buckets(qk_all, self.rotations, c.n_buckets)  # (b, h, r, s)
+        buckets = lsh_buckets(qk_all, self.rotations, c.hash_factors)  # (b, h, r, s)
         buckets = buckets.masked_fill(~key_mask[:, None, None, :], c.n_buckets)
         y = lsh_attention_cached(qk, qk_all, v_all, buckets, key_mask, c.chunk_length, c.n_buckets)
         return self.out(y.transpose(1, 2).flatten(2)), torch.stack([qk, v])
@@ -665,22 +431,37 @@ class ReformerModel(StackedCacheMixin, nn.Module):
         table = sinusoidal_positions(t, c.d_model, positions.device) * SINUSOID_SCALE
         return table.to(dtype)[positions]
 
+    def _embed(self, input_ids: Tensor, attention_mask: Tensor, past: int | None = None) -> Tensor:
+        """Token + position embeddings of the t new tokens -> (b, t, d). attention_mask (b, s)
+        covers the ``past`` cached slots (None: there are none) and the new tokens."""
+        total = attention_mask.shape[1]
+        limit = self.config.max_positions
+        # Reads only a shape (export-safe); a table model cannot embed positions past its size.
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"input length {total} exceeds this Reformer's position table ({limit})"
+            )
+        # Positions count real tokens only, so left padding (decoders) and free cache slots do
+        # not shift them; pads get a repeated position but are masked as keys, outputs unused.
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (b, s)
+        if past is not None:
+            positions = positions[:, past:]  # (b, t)
+        return self.embed(input_ids) + self._positions(positions, total)  # (b, t, d)
+
+    def _merge_streams(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """(b, t, d) twice -> (b, t, hidden_size), normalised."""
+        if self.config.stream_merge == "concat":
+            return self.norm(torch.cat([x1, x2], dim=-1))
+        return self.norm((x1 + x2) / 2)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask (b, t) int64 -> logits (b, t, v), hidden (b, t, hidden_size)
         (d_model, or 2·d_model for concatenated streams)."""
         t = input_ids.shape[1]
-        limit = self.config.max_positions
-        # Reads only a shape (export-safe); a table model cannot embed positions past its size.
-        if limit is not None and t > limit:
-            raise ValueError(f"input length {t} exceeds this Reformer's position table ({limit})")
-        c = self.config.pad_multiple
-        # Positions count real tokens only, so left padding (decoders) does not shift them;
-        # pads get a repeated position but are masked as keys and their outputs are unused.
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (b, t)
-        x = self.embed(input_ids) + self._positions(positions, t)  # (b, t, d)
-
+        x = self._embed(input_ids, attention_mask)  # (b, t, d)
         # Pad to a multiple of c. c is a Python constant, so (-t) % c is shape arithmetic that
         # both the dynamo exporter and the tracer keep symbolic (a symbolic divisor would not be).
+        c = self.config.pad_multiple
         pad = (-t) % c
         x = F.pad(x, (0, 0, 0, pad))  # (b, t + pad, d)
         key_mask = F.pad(attention_mask, (0, pad)).bool()  # (b, t + pad)
@@ -692,10 +473,7 @@ class ReformerModel(StackedCacheMixin, nn.Module):
         x1, x2 = x, x
         for block in self.blocks:
             x1, x2 = block(x1, x2, key_mask, hf_plain)
-        merged = (
-            torch.cat([x1, x2], dim=-1) if self.config.stream_merge == "concat" else (x1 + x2) / 2
-        )
-        hidden = self.norm(merged)[:, :t]  # (b, t, hidden_size)
+        hidden = self._merge_streams(x1, x2)[:, :t]  # (b, t, hidden_size)
         return self.head(hidden), hidden
 
     # --- incremental decoding (causal native models): the ALiBi cache convention
@@ -741,23 +519,11 @@ class ReformerModel(StackedCacheMixin, nn.Module):
         masks of :func:`lsh_attention_cached` replace the chunks.
         """
         self._require_kv_cache()
-        total = attention_mask.shape[1]
-        limit = self.config.max_positions
-        if limit is not None and total > limit:  # a shape, not a value: export-safe
-            raise ValueError(
-                f"input length {total} exceeds this Reformer's position table ({limit})"
-            )
-        # Positions count real tokens only, as in forward: padding slots do not shift them.
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (b, s + t)
-        positions = positions[:, past_key_values[0][0].shape[-2] :]  # (b, t)
-        x = self.embed(input_ids) + self._positions(positions, total)  # (b, t, d)
+        x = self._embed(input_ids, attention_mask, past_key_values[0][0].shape[-2])  # (b, t, d)
         key_mask = attention_mask.bool()  # (b, s + t)
         x1, x2 = x, x
         news = []
         for layer, block in enumerate(self.blocks):
             x1, x2, new = block.forward_step(x1, x2, key_mask, past_key_values[layer])
             news.append(new)
-        merged = (
-            torch.cat([x1, x2], dim=-1) if self.config.stream_merge == "concat" else (x1 + x2) / 2
-        )
-        return self.head(self.norm(merged)), torch.stack(news)
+        return self.head(self._merge_streams(x1, x2)), torch.stack(news)

@@ -21,6 +21,7 @@ from exporters.architectures.alibi import AlibiConfig
 from exporters.importers.source import (
     CONFIG_FILE,
     Converted,
+    ImportOptions,
     WeightMap,
     load_weights,
     read_json,
@@ -62,7 +63,8 @@ def _qkv_to_longhaul(fused: Tensor, n_heads: int) -> Tensor:
     return per_head.transpose(0, 1).reshape(fused.shape)  # (3 * h * e, ...)
 
 
-def convert(src: Path, trained_context: int | None = None) -> Converted:
+def convert(src: Path, options: ImportOptions) -> Converted:
+    trained_context = options.trained_context
     hf = read_json(src / CONFIG_FILE)
     config = config_from_hf(src, hf, trained_context)
     # BloomForCausalLM saves "transformer."-prefixed names; a bare BloomModel saves them unprefixed.

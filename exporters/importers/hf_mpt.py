@@ -28,6 +28,7 @@ from exporters.architectures.alibi import AlibiConfig
 from exporters.importers.source import (
     CONFIG_FILE,
     Converted,
+    ImportOptions,
     WeightMap,
     load_weights,
     read_json,
@@ -92,7 +93,8 @@ def config_from_hf(src: Path, config: dict[str, Any], trained_context: int | Non
     )
 
 
-def convert(src: Path, trained_context: int | None = None) -> Converted:
+def convert(src: Path, options: ImportOptions) -> Converted:
+    trained_context = options.trained_context
     hf = read_json(src / CONFIG_FILE)
     config = config_from_hf(src, hf, trained_context)
     weights = WeightMap(load_weights(src), strip_prefix="transformer.")

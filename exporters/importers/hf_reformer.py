@@ -2,19 +2,26 @@
 
 HF's Reformer mixes "local" and LSH layers, has learned or axial position tables, a head width
 independent of d/h, concatenates the two reversible streams before a 2d-wide LayerNorm and head,
-and hashes with rotations drawn from ``torch.manual_seed(hash_seed)`` on every call (the same
-rotations in every LSH layer). All of these are ReformerConfig options; the LSH attention itself
-runs with ``hf_compatible=True`` (see exporters/architectures/reformer.py for what that changes).
-The rotations are drawn here, once, exactly as HF draws them, and stored as each LSH layer's
-fixed rotation buffer.
+and may factorise its buckets (``num_buckets`` a list, e.g. [64, 128]). All of these are
+ReformerConfig options; the LSH attention itself runs with ``hf_compatible=True`` (see
+exporters/architectures/reformer.py for what that changes).
 
-Refused: ``hash_seed`` unset (HF then draws fresh rotations on every call, so there is no fixed
-function to reproduce), automatic or factorised ``num_buckets``, chunk look-ahead or more than
-one chunk of look-back, and encoder (``is_decoder=False``) checkpoints.
+Hashing rotations. With ``hash_seed`` set, HF draws them from ``torch.manual_seed(hash_seed)``
+on every call (the same rotations in every LSH layer); without it (the published checkpoints)
+it draws new ones from the global generator on every call, so no two of its runs agree. Either
+way the rotations are drawn here once, as HF draws them from a seed — the config's, else
+``--hash-seed`` (default ``DEFAULT_HASH_SEED``) — and stored as each LSH layer's fixed rotation
+buffer: the imported model equals HF run with that seed in its config, and is deterministic.
+The seed is recorded in the checkpoint's (and so the manifest's) config, and where it came from
+in ``imported_from``.
+
+Refused: automatic ``num_buckets`` (HF sizes it from the first input's length), chunk look-ahead
+or more than one chunk of look-back, and encoder (``is_decoder=False``) checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,7 @@ from exporters.architectures.reformer import ReformerConfig
 from exporters.importers.source import (
     CONFIG_FILE,
     Converted,
+    ImportOptions,
     WeightMap,
     load_weights,
     read_json,
@@ -41,6 +49,9 @@ ACTIVATIONS: dict[str, Activation] = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
+# The seed of the rotations when the config has none. Any seed gives a model of the same quality
+# (tests/exporters/importers/test_hf_reformer.py measures the spread over HF's random draws).
+DEFAULT_HASH_SEED = 0
 # Options whose HF default is the only value Longhaul's chunked attention reproduces.
 REQUIRED = {
     "is_decoder": True,
@@ -56,19 +67,42 @@ def _hf_value(config: dict[str, Any], name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def config_from_hf(src: Path, config: dict[str, Any]) -> ReformerConfig:
+def hash_seed_of(config: dict[str, Any], option: int | None) -> tuple[int, str]:
+    """The seed the rotations are drawn from, and where it came from."""
+    seed = config.get("hash_seed")
+    if seed is None:
+        return (DEFAULT_HASH_SEED, "default") if option is None else (option, "--hash-seed")
+    if option is not None and option != seed:
+        raise unsupported(
+            "hash_seed", seed, f"its own seed only: --hash-seed {option} would change the model"
+        )
+    return int(seed), "config"
+
+
+def bucket_factors(config: dict[str, Any]) -> tuple[int, tuple[int, ...]]:
+    """num_buckets -> (n_buckets, bucket_factors): an integer, or a list of factors."""
+    buckets = config.get("num_buckets")
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        factors: tuple[int, ...] = (buckets,)
+    elif isinstance(buckets, list | tuple) and buckets and all(isinstance(f, int) for f in buckets):
+        factors = tuple(buckets)
+    else:
+        raise unsupported(
+            "num_buckets", buckets, "an even integer or a list of even factors (not automatic)"
+        )
+    if any(f <= 0 or f % 2 for f in factors):
+        raise unsupported("num_buckets", buckets, "even bucket counts only")
+    return math.prod(factors), factors if len(factors) > 1 else ()
+
+
+def config_from_hf(
+    src: Path, config: dict[str, Any], hash_seed: int | None = None
+) -> ReformerConfig:
     for option, expected in REQUIRED.items():
         if config.get(option, expected) != expected:
             raise unsupported(option, config[option], repr(expected))
-    if config.get("hash_seed") is None:
-        raise unsupported(
-            "hash_seed", None, "a fixed seed (HF draws new rotations on every call without one)"
-        )
-    buckets = config.get("num_buckets")
-    if isinstance(buckets, list) and len(buckets) == 1:
-        buckets = buckets[0]
-    if not isinstance(buckets, int):
-        raise unsupported("num_buckets", buckets, "one even integer (not automatic, not factors)")
+    seed, _ = hash_seed_of(config, hash_seed)
+    n_buckets, factors = bucket_factors(config)
     act = _hf_value(config, "hidden_act", "relu")
     if act not in ACTIVATIONS:
         raise unsupported("hidden_act", act, " / ".join(ACTIVATIONS))
@@ -84,9 +118,10 @@ def config_from_hf(src: Path, config: dict[str, Any]) -> ReformerConfig:
         n_layers=len(layers),
         d_ff=int(_hf_value(config, "feed_forward_size", 512)),
         chunk_length=int(_hf_value(config, "lsh_attn_chunk_length", 64)),
-        n_buckets=buckets,
+        n_buckets=n_buckets,
+        bucket_factors=factors,
         n_hashes=int(_hf_value(config, "num_hashes", 1)),
-        hash_seed=int(config["hash_seed"]),
+        hash_seed=seed,
         causal=True,
         layer_norm_eps=float(_hf_value(config, "layer_norm_eps", 1e-12)),
         hf_compatible=True,
@@ -107,18 +142,19 @@ def config_from_hf(src: Path, config: dict[str, Any]) -> ReformerConfig:
 
 
 def hf_rotations(config: ReformerConfig) -> Tensor:
-    """(h, e, r, n_buckets / 2): what HF's LSH layers draw after ``torch.manual_seed(hash_seed)``.
+    """(h, e, r, sum(factors) / 2): what HF's LSH layers draw after
+    ``torch.manual_seed(hash_seed)``.
 
     A private generator with the same seed yields the same numbers as the reseeded global one,
     without touching the caller's random state.
     """
-    shape = (config.n_heads, config.head_dim, config.n_hashes, config.n_buckets // 2)
+    shape = (config.n_heads, config.head_dim, config.n_hashes, sum(config.hash_factors) // 2)
     return torch.randn(shape, generator=torch.Generator().manual_seed(config.hash_seed))
 
 
-def convert(src: Path, trained_context: int | None = None) -> Converted:
+def convert(src: Path, options: ImportOptions) -> Converted:
     hf = read_json(src / CONFIG_FILE)
-    config = config_from_hf(src, hf)
+    config = config_from_hf(src, hf, options.hash_seed)
     weights = WeightMap(load_weights(src), strip_prefix="reformer.")
     out: dict[str, Tensor] = {"embed.weight": weights.take("embeddings.word_embeddings.weight")}
     if config.position_embedding == "axial":
@@ -158,8 +194,16 @@ def convert(src: Path, trained_context: int | None = None) -> Converted:
     out["head.proj.weight"] = weights.take("lm_head.decoder.weight")
     out["head.proj.bias"] = torch.zeros(config.vocab_size)
     notes = _dropped_head_bias(weights)
+    seed, source = hash_seed_of(hf, options.hash_seed)
+    if source != "config":
+        notes.append(
+            f"{CONFIG_FILE} sets no hash_seed (transformers then draws new hashing rotations on "
+            f"every call); the rotations are fixed once, drawn from seed {seed} ({source})"
+        )
     weights.check_all_used()
-    return Converted(config, out, _trained_context(config, hf, trained_context), tuple(notes))
+    trained = _trained_context(config, hf, options.trained_context)
+    provenance = {"hash_seed": seed, "hash_seed_from": source}
+    return Converted(config, out, trained, tuple(notes), provenance)
 
 
 def _dropped_head_bias(weights: WeightMap) -> list[str]:

@@ -26,6 +26,7 @@ from exporters.architectures.linformer import LinformerConfig
 from exporters.importers.source import (
     CONFIG_FILE,
     Converted,
+    ImportOptions,
     UnsupportedCheckpointError,
     WeightMap,
     load_weights,
@@ -78,7 +79,8 @@ def config_from_args(args: dict[str, Any]) -> LinformerConfig:
     )
 
 
-def convert(src: Path, trained_context: int | None = None) -> Converted:
+def convert(src: Path, options: ImportOptions) -> Converted:
+    trained_context = options.trained_context
     config = config_from_args(read_json(src / CONFIG_FILE))
     weights = WeightMap(load_weights(src))
     out: dict[str, Tensor] = {

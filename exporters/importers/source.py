@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,14 @@ class WeightMap:
 
 
 @dataclass(frozen=True)
+class ImportOptions:
+    """What the user may choose at import; None = read from the source (or the default)."""
+
+    trained_context: int | None = None  # every format: overrides the source config's length
+    hash_seed: int | None = None  # hf-reformer: rotations for a config without hash_seed
+
+
+@dataclass(frozen=True)
 class Converted:
     """What an importer hands back: a Longhaul config and the state dict of the model it builds."""
 
@@ -155,3 +163,4 @@ class Converted:
     state_dict: dict[str, Tensor]
     trained_context: int  # the length the source model was trained at (export's reference point)
     notes: tuple[str, ...] = ()  # what the user should know about the conversion (CLI prints it)
+    provenance: dict[str, Any] = field(default_factory=dict)  # recorded under imported_from

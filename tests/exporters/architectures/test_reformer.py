@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exporters.architectures.common import sinusoidal_positions
+from exporters.architectures.lsh import SELF_SCORE, lsh_attention, lsh_buckets
 from exporters.architectures.reformer import (
-    SELF_SCORE,
     SINUSOID_SCALE,
     ReformerConfig,
     ReformerModel,
     ReversibleBlock,
-    lsh_attention,
-    lsh_buckets,
 )
 
 TINY = ReformerConfig(
@@ -135,12 +133,30 @@ def test_lsh_buckets_range_and_angular_symmetry() -> None:
     g = torch.Generator().manual_seed(0)
     vecs = torch.randn(2, 3, 50, 8, generator=g)  # (b, h, t, e)
     rotations = torch.randn(3, 8, 2, 3, generator=g)  # (h, e, r, n_buckets / 2)
-    buckets = lsh_buckets(vecs, rotations, n_buckets=6)
+    buckets = lsh_buckets(vecs, rotations, (6,))
     assert buckets.shape == (2, 3, 2, 50) and buckets.dtype == torch.long
     assert int(buckets.min()) >= 0 and int(buckets.max()) < 6
     # Angular: a positive scale keeps the bucket, negation moves it half-way round.
-    assert torch.equal(lsh_buckets(3.5 * vecs, rotations, 6), buckets)
-    assert torch.equal(lsh_buckets(-vecs, rotations, 6), (buckets + 3) % 6)
+    assert torch.equal(lsh_buckets(3.5 * vecs, rotations, (6,)), buckets)
+    assert torch.equal(lsh_buckets(-vecs, rotations, (6,)), (buckets + 3) % 6)
+
+
+def test_factorised_buckets_are_the_mixed_radix_of_per_factor_hashes() -> None:
+    """Factors (4, 6): the first 2 rotation columns hash into 4, the next 3 into 6, and the
+    bucket is b0 + 4·b1, every one of the 24 reachable; one factor is plain hashing."""
+    g = torch.Generator().manual_seed(1)
+    vecs = torch.randn(1, 2, 400, 8, generator=g)  # (b, h, t, e)
+    rotations = torch.randn(2, 8, 3, 5, generator=g)  # (h, e, r, (4 + 6) / 2)
+    got = lsh_buckets(vecs, rotations, (4, 6))
+    first = lsh_buckets(vecs, rotations[..., :2], (4,))
+    second = lsh_buckets(vecs, rotations[..., 2:], (6,))
+    assert torch.equal(got, first + 4 * second)
+    assert set(got.unique().tolist()) == set(range(24))
+    # the same by hand for one vector: argmax over [xR, -xR] per factor
+    rotated = vecs[0, 0, 0] @ rotations[0, :, 0]  # (5,)
+    b0 = int(torch.cat([rotated[:2], -rotated[:2]]).argmax())
+    b1 = int(torch.cat([rotated[2:], -rotated[2:]]).argmax())
+    assert int(got[0, 0, 0, 0]) == b0 + 4 * b1
 
 
 def test_deterministic_across_calls_and_instances() -> None:

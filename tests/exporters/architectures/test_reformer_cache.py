@@ -9,13 +9,8 @@ import torch
 from torch import Tensor
 
 from exporters.architectures.common import layer_caches
-from exporters.architectures.reformer import (
-    ReformerConfig,
-    ReformerModel,
-    lsh_attention,
-    lsh_attention_cached,
-    lsh_buckets,
-)
+from exporters.architectures.lsh import lsh_attention, lsh_attention_cached, lsh_buckets
+from exporters.architectures.reformer import ReformerConfig, ReformerModel
 
 C = 4  # chunk length: the lengths below cross chunk boundaries and exceed 4 chunks
 CONFIG = ReformerConfig(
@@ -77,7 +72,7 @@ def test_pure_function_equals_the_last_rows_of_lsh_attention() -> None:
     key_mask = torch.ones(b, s, dtype=torch.bool)
     key_mask[1, :5] = False  # left padding
     rotations = torch.randn(h, e, r, 2)
-    buckets = lsh_buckets(qk, rotations, 4).masked_fill(~key_mask[:, None, None, :], 4)
+    buckets = lsh_buckets(qk, rotations, (4,)).masked_fill(~key_mask[:, None, None, :], 4)
     full = lsh_attention(qk, v, buckets, key_mask, C, causal=True)
     for t in (1, 3, 11, s):
         got = lsh_attention_cached(qk[:, :, s - t :], qk, v, buckets, key_mask, C, 4)

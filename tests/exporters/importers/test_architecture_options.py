@@ -11,12 +11,8 @@ import torch.nn.functional as F
 
 from exporters.architectures.alibi import AlibiConfig, AlibiLM
 from exporters.architectures.linformer import LinformerConfig, LinformerEncoder
-from exporters.architectures.reformer import (
-    ReformerConfig,
-    ReformerModel,
-    local_attention,
-    lsh_attention,
-)
+from exporters.architectures.lsh import hf_lsh_attention, local_attention
+from exporters.architectures.reformer import ReformerConfig, ReformerModel
 
 ALIBI = AlibiConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32, trained_context=8)
 REFORMER = ReformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=2, d_ff=32,
@@ -60,7 +56,7 @@ def test_hf_lsh_of_one_chunk_is_plain_attention_with_a_self_mask() -> None:
     qk, v = torch.randn(2, 1, 2, 8, 4, generator=g)
     buckets = torch.randint(0, 4, (1, 2, 3, 8), generator=g)  # 3 rounds: must not matter
     mask = torch.ones(1, 8, dtype=torch.bool)
-    out = lsh_attention(qk, v, buckets, mask, 8, causal=True, hf_compatible=True)
+    out = hf_lsh_attention(qk, v, buckets, mask, 8, causal=True)
     keys = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) / 2
     scores = (qk @ keys.transpose(-1, -2)).masked_fill(torch.eye(8, dtype=torch.bool), -1e5)
     scores = scores.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))

@@ -127,9 +127,9 @@ def test_dropped_head_bias_is_reported(tmp_path: Path, tokenizer: Tokenizer) -> 
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("hash_seed", None),
-        ("num_buckets", [2, 4]),
-        ("num_buckets", None),
+        ("num_buckets", None),  # automatic: HF sizes it from the first input
+        ("num_buckets", [4, 3]),  # an odd factor
+        ("num_buckets", 5),
         ("is_decoder", False),
         ("lsh_num_chunks_before", 2),
         ("local_num_chunks_after", 1),
