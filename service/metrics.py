@@ -180,8 +180,9 @@ class Metrics:
     def set_model_info(
         self, model: str, version: int, architecture: str, fmt: str, precision: str, provider: str
     ) -> None:
-        # One series per model: drop the previous version's labels on reload.
-        self.remove_model(model)
+        # One series per model: drop the previous version's labels on reload (only these: the
+        # batch time model of the same load may already be set).
+        self._remove_model_info(model)
         self.model_info.labels(model, str(version), architecture, fmt, precision, provider).set(1)
 
     def set_batch_time_model(
@@ -193,9 +194,7 @@ class Metrics:
         self.calibration_duration.labels(model).set(seconds)
 
     def remove_model(self, model: str) -> None:
-        for labels in list(self._model_info_labels()):
-            if labels[0] == model:
-                self.model_info.remove(*labels)
+        self._remove_model_info(model)
         self._remove_labelled(self.batch_time_coefficient, model)
         self._remove_labelled(self.calibration_duration, model)
 
@@ -205,6 +204,11 @@ class Metrics:
             for labels in {tuple(s.labels.values()) for s in family.samples}:
                 if labels[0] == model:
                     gauge.remove(*labels)
+
+    def _remove_model_info(self, model: str) -> None:
+        for labels in list(self._model_info_labels()):
+            if labels[0] == model:
+                self.model_info.remove(*labels)
 
     def _model_info_labels(self) -> list[tuple[str, ...]]:
         return [tuple(s.labels.values()) for m in self.model_info.collect() for s in m.samples]
