@@ -366,7 +366,6 @@ def _remeasured(section: dict[str, Any]) -> list[str]:
             f"{r['load_average_end']} at end): their memory is comparable with the other rows, "
             "their times only with each other when the load average exceeds the core count."
         )
-        lines.append("")
     for point in section.get("single_points", []):
         if "stop" in point:
             lines.append(f"- {point.get('arch', '?')} once: stopped: {point['stop']}")
@@ -412,7 +411,15 @@ def _scaling_findings(section: dict[str, Any]) -> list[str]:
         own = {p["length"]: p for p in s["points"]}
         common = sorted(set(own) & set(base))
         text = f"- {arch} reached {_fmt_len(max(own))}"
-        if common:
+        remeasured = any(arch in r["archs"] for r in section.get("remeasured", []))
+        if remeasured and common:  # another load, another thread count: no speed ratio
+            n = common[-1]
+            text += (
+                f"; at {_fmt_len(n)} {own[n]['peak_rss_bytes'] / GIB:.2f} GiB peak RSS against "
+                f"the baseline's {base[n]['peak_rss_bytes'] / GIB:.2f} GiB (re-measured: times "
+                "not comparable)"
+            )
+        elif common:
             n = common[-1]
             speed = base[n]["median_s"] / own[n]["median_s"]
             act_base = base[n]["peak_rss_bytes"] - base[n]["rss_after_build_bytes"]

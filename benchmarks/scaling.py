@@ -43,7 +43,6 @@ from benchmarks.common import (
     run_worker,
     set_threads,
     time_calls,
-    write_json,
 )
 from benchmarks.models import ARCHS, SCALING, arch_config, build
 
@@ -296,7 +295,8 @@ def merge(results: Path, section: dict[str, Any]) -> None:
             "commit": git_revision(),
         }
     )
-    write_json(results, data)
+    # indent 2 as the results files are committed, so a merge diffs only what it changed
+    results.write_text(json.dumps(data, indent=2, default=float) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,7 +157,11 @@ def alibi_attention_blocked(
     t = q.shape[-2]
     slots = torch.arange(t, device=q.device)
     out = []
-    for start in range(0, t, block):
+    # Last block first: causal blocks grow with their end, and run in increasing order each
+    # one's tensors outgrow the memory the previous ones freed, so the heap fragments and RSS
+    # grew ~quadratically (measured: 571 MiB at 8K tokens, 1 layer, 4 heads, where one block
+    # needs ~200). Largest first, every later block fits in what the first one freed.
+    for start in reversed(range(0, t, block)):
         end = min(start + block, t)
         query_positions = positions.query_positions[:, start:end]  # (b, B)
         causal = slots[None, :end] <= slots[start:end, None]  # (B, end)
@@ -172,7 +176,7 @@ def alibi_attention_blocked(
                 q[..., start:end, :], past_k, past_v, k[..., :end, :], v[..., :end, :], split, scale
             )
         )
-    return torch.cat(out, dim=-2)  # (b, h, t, e)
+    return torch.cat(out[::-1], dim=-2)  # (b, h, t, e)
 
 
 def alibi_attention(
