@@ -33,6 +33,7 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; far longer on a loaded one
 def test_default_bloom_imports_and_exports_within_4_gib(
     tmp_path: Path, tokenizer: Tokenizer
