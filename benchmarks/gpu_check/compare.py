@@ -67,19 +67,24 @@ def judge(
 ) -> tuple[bool, str, list[parity.CaseResult]]:
     """``cases``: (name, length, reference outputs, outputs) with every position real. The
     verdict and its one-line summary are the exporter's (``parity.Report``)."""
-    report = parity.Report(reference="CPU", precision=precision, lengths=[c[1] for c in cases])
+    lengths = [c[1] for c in cases]
+    report = parity.Report("CPU", precision, lengths, rule=parity.FP32_RULE)
     for name, length, ref, out in cases:
-        diffs = []
+        diffs: dict[str, parity.OutputDiff] = {}
         for key, expected in ref.items():
             got = out[key]
             if got.shape != expected.shape:
                 raise ValueError(
                     f"{name}: {key} is {got.shape} on the GPU, {expected.shape} on CPU"
                 )
-            diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
-            diffs.append(float(diff.max()) if diff.size else 0.0)
+            expected64 = expected.astype(np.float64)
+            diff = np.abs(expected64 - got.astype(np.float64))
+            diffs[key] = parity.OutputDiff(
+                float(diff.max()) if diff.size else 0.0,
+                float(np.abs(expected64).max()) if diff.size else 0.0,
+            )
         cosine, agree = _cosine_and_argmax(ref["logits"], out["logits"])
-        report.cases.append(parity.CaseResult(1, length, name, max(diffs), cosine, agree))
+        report.cases.append(parity.CaseResult(1, length, name, diffs, cosine, agree))
     return report.passed, report.summary(), report.cases
 
 
@@ -171,7 +176,7 @@ def parity_cell(comparison: Comparison | None, reason: str | None) -> str:
         return f"not compared: {reason}" if reason else "-"
     verdict = "PASS" if comparison.passed else "FAIL"
     if comparison.precision == "fp32":
-        worst = max(c["max_abs_diff"] for c in comparison.cases)
+        worst = max(o["max_abs_diff"] for c in comparison.cases for o in c["outputs"].values())
         return f"{verdict} max|d| {worst:.1e}"
     worst_cos = min(c["cosine"] for c in comparison.cases)
     return f"{verdict} cos {worst_cos:.5f}"

@@ -50,7 +50,7 @@ def test_cuda_visible_devices_can_hide_every_gpu(tmp_path: Path, visible: str) -
 def test_no_driver_and_no_device_are_no_gpu(tmp_path: Path) -> None:
     assert env.detect_gpus({"PATH": str(tmp_path)}) == (
         [],
-        "no nvidia-smi on PATH (no NVIDIA driver)",
+        "no nvidia-smi on PATH: no NVIDIA driver",
     )
     fake_nvidia_smi(tmp_path / "bin", "No devices were found", rc=6)
     gpus, source = env.detect_gpus({"PATH": str(tmp_path / "bin")})
