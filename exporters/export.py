@@ -337,7 +337,8 @@ def export(request: ExportRequest) -> ExportResult:
         )
     ckpt = _exportable(load_checkpoint(request.checkpoint))
     repo = ModelRepository(request.store, create=True)
-    if request.version is not None and request.version in repo.list_versions(request.name):
+    existing = repo.list_versions(request.name) if request.name in repo.list_models() else []
+    if request.version is not None and request.version in existing:
         raise FileExistsError(
             f"{request.name} version {request.version} already exists in {request.store}"
         )

@@ -98,6 +98,8 @@ def test_failed_parity_prints_the_table_then_one_line(
             str(tiny_checkpoint("shatter")),
             "--format",
             "onnx",
+            "--precision",
+            "fp32",
             "--store",
             str(store),
             "--name",
