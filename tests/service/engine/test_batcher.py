@@ -203,7 +203,9 @@ def test_queue_full_is_rejected_and_counted(fake_model: LoadedModel) -> None:
 
 def test_stop_finishes_queued_work_then_refuses(fake_model: LoadedModel) -> None:
     metrics = Metrics()
-    batcher = EncodeBatcher(fake_model, settings(max_wait_ms=10_000.0), metrics)
+    # The deadline policy holds both requests for their (10 s) batch deadline.
+    policy = settings(max_wait_ms=10_000.0, batch_policy="deadline")
+    batcher = EncodeBatcher(fake_model, policy, metrics)
 
     async def main() -> None:
         await batcher.start()
@@ -274,7 +276,9 @@ def test_a_failing_batcher_step_fails_callers_instead_of_hanging(
         return real_form_batch(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(batcher_module, "form_batch", flaky)
-    batcher = EncodeBatcher(fake_model, settings(max_wait_ms=0.0), Metrics())
+    # form_batch is the deadline policy's batch formation.
+    policy = settings(max_wait_ms=0.0, batch_policy="deadline")
+    batcher = EncodeBatcher(fake_model, policy, Metrics())
 
     async def main() -> None:
         await batcher.start()
