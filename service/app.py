@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from model_store import ModelRepository
 from service import __version__
-from service.api import embeddings, encode, errors, generate, health, models
+from service.api import embeddings, encode, errors, generate, health, models, openapi
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.engine.registry import ModelRegistry, parse_model_spec
 from service.metrics import Metrics
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ]
     for router in routers:
         app.include_router(router)
+    openapi.install(app, settings)
     routes = [route for router in routers for route in router.routes]
     # Added last = outermost: metrics see the 413s that the body limit answers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

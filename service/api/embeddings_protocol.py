@@ -9,9 +9,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.api.encode_protocol import MAX_INPUTS, ModelName, Text
+from service.api.schema_types import PositiveInt, TokenId
 from service.engine.encoding import EncodeOutput, EncodeParams
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class EmbeddingRequest(BaseModel):
@@ -25,7 +26,7 @@ class EmbeddingRequest(BaseModel):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
     ) = Field(description="text, list of texts, token ids, or list of token-id lists")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = Field(
+    dimensions: PositiveInt | None = Field(
         None, description="accepted only when equal to the model's width (no truncation of vectors)"
     )
     user: Annotated[str, StringConstraints(max_length=256)] | None = None

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.json_schema import JsonDict
 
 from service.engine.encoding import EncodeOutput, EncodeParams
 
@@ -23,7 +24,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+#: The combinations :meth:`EncodeRequest._compatible` refuses, stated in the published schema too.
+_INCOMPATIBLE: JsonDict = {
+    "allOf": [
+        {
+            "not": {
+                "required": ["truncate", "chunk"],
+                "properties": {"truncate": {"const": True}, "chunk": {"const": True}},
+            }
+        },
+        {
+            "not": {
+                "required": ["chunk", "pooling"],
+                "properties": {"chunk": {"const": True}, "pooling": {"const": "none"}},
+            }
+        },
+    ]
+}
+
+
 class EncodeRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra=_INCOMPATIBLE)
+
     model: ModelName
     inputs: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
         description="one text or a list of texts"

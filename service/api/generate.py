@@ -28,7 +28,6 @@ from service.api.generate_protocol import (
     CompletionResponse,
     GenerateRequest,
     GenerateResponse,
-    check_max_new_tokens,
     generate_response,
     generate_stream_events,
 )
@@ -151,8 +150,8 @@ async def generate(
 ) -> Response:
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
     last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
-    check_max_new_tokens(body.max_new_tokens, settings, "max_new_tokens")
-    session = await _open(registry, request, body.model, body.prompt, body.to_sampling_params())
+    params = body.to_sampling_params(settings)
+    session = await _open(registry, request, body.model, body.prompt, params)
     if body.stream:
         return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
     result = await session.result(request)
@@ -169,8 +168,8 @@ async def completions(
     refusal = body.unsupported()
     if refusal is not None:
         raise refusal
-    check_max_new_tokens(body.max_tokens, settings, "max_tokens")
-    session = await _open(registry, request, body.model, body.prompt, body.to_sampling_params())
+    params = body.to_sampling_params(settings)
+    session = await _open(registry, request, body.model, body.prompt, params)
     identity = CompletionIdentity(body.model)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -1,10 +1,12 @@
 """Wire schemas of ``POST /v1/generate`` (native) and ``POST /v1/completions`` (OpenAI) and the
 conversion from each to engine parameters (:class:`SamplingParams`).
 
-Schema violations (negative or zero token counts, ``top_p`` outside (0, 1], negative
-``temperature`` or ``top_k``) are 422s raised by pydantic. Limits that depend on settings
-(``max_new_tokens_limit``) and OpenAI parameters Longhaul does not implement are checked by
-:func:`check_max_new_tokens` and :meth:`CompletionRequest.unsupported`.
+The published schema is what validation accepts (service/api/schema_types.py): schema
+violations (token counts below 1, ``top_p`` outside (0, 1], ``temperature`` outside [0, 100], a
+non-finite number) are 422s raised by pydantic. The deployment limit on new tokens
+(``max_new_tokens_limit``) is checked by :func:`limit_new_tokens` and written into the
+schema by service/api/openapi.py. OpenAI parameters Longhaul does not implement are published
+with their neutral value only and refused by name by :meth:`CompletionRequest.unsupported`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.api.encode_protocol import ModelName
 from service.api.errors import ApiError
+from service.api.schema_types import (
+    INTEGRAL,
+    FiniteFloat,
+    PositiveInt,
+    Seed,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+)
 from service.engine.generation import FinishReason, GenerationChunk, GenerationResult
 from service.engine.sampling import SamplingParams
 from service.settings import Settings
@@ -29,12 +41,18 @@ DEFAULT_MAX_TOKENS = 16
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
-PositiveInt = Annotated[int, Field(ge=1)]
-Temperature = Annotated[float, Field(ge=0, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0, le=1, description="nucleus mass in (0, 1]")]
-TopK = Annotated[int, Field(ge=0, description="keep the k most probable tokens; 0 = all")]
-Seed = Annotated[int, Field(ge=0, lt=2**63, description="same seed + same request = same text")]
-TokenId = Annotated[int, Field(ge=0)]
+
+
+def _refused(schema: dict[str, Any], neutral: str) -> WithJsonSchema:
+    """The published schema of an OpenAI parameter Longhaul does not implement: only its neutral
+    value. Validation still parses any value of the OpenAI type, so that
+    :meth:`CompletionRequest.unsupported` can refuse it by name (400 ``unsupported_parameter``)
+    instead of a generic 422."""
+    description = (
+        f"not supported: only {neutral} is accepted; any other value is refused with "
+        "400 unsupported_parameter"
+    )
+    return WithJsonSchema({**schema, "description": description})
 
 
 class _Strict(BaseModel):
@@ -42,13 +60,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def check_max_new_tokens(value: int, settings: Settings, param: str) -> None:
-    """422 above ``settings.max_new_tokens_limit`` (a deployment limit, not part of the schema)."""
-    if value > settings.max_new_tokens_limit:
+def limit_new_tokens(value: int, explicit: bool, settings: Settings, param: str) -> int:
+    """The new-token count to use: 422 above ``settings.max_new_tokens_limit`` (a deployment
+    limit, published in the schema by service/api/openapi.py) when the client asked for it;
+    the default, when the client left the field out, is capped at the limit instead."""
+    limit = settings.max_new_tokens_limit
+    if not explicit:
+        return min(value, limit)
+    if value > limit:
         raise ApiError(
-            422, f"{param}: must be <= {settings.max_new_tokens_limit} "
-            f"(LONGHAUL_MAX_NEW_TOKENS_LIMIT), got {value}", code="validation_error", param=param,
+            422, f"{param}: must be <= {limit} (LONGHAUL_MAX_NEW_TOKENS_LIMIT), got {value}",
+            code="validation_error", param=param,
         )  # fmt: skip
+    return value
 
 
 # ------------------------------------------------------------------- native /v1/generate
@@ -65,9 +89,12 @@ class GenerateRequest(_Strict):
     stop: StopList = Field(default_factory=list, description="end before any of these strings")
     stream: bool = Field(False, description="Server-Sent Events, one per token chunk, then [DONE]")
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, settings: Settings) -> SamplingParams:
+        explicit = "max_new_tokens" in self.model_fields_set
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=limit_new_tokens(
+                self.max_new_tokens, explicit, settings, "max_new_tokens"
+            ),
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
@@ -136,19 +163,28 @@ class CompletionRequest(_Strict):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK | None = Field(None, description="vLLM-style extension; not in OpenAI's API")
-    n: int = Field(1, description="only 1 is supported")
+    n: Annotated[int, INTEGRAL, _refused({"type": "integer", "const": 1}, "1")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | StopList | None = None
     seed: Seed | None = None
     # Accepted for compatibility, refused unless left at their neutral value (see unsupported()).
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logprobs: Annotated[int | None, INTEGRAL, _refused({"type": "null"}, "null")] = None
+    echo: Annotated[bool, _refused({"type": "boolean", "const": False}, "false")] = False
+    best_of: Annotated[
+        int | None,
+        INTEGRAL,
+        _refused({"anyOf": [{"type": "integer", "const": 1}, {"type": "null"}]}, "1 or null"),
+    ] = None
+    suffix: Annotated[str | None, _refused({"type": "null"}, "null")] = None
+    presence_penalty: Annotated[FiniteFloat, _refused({"type": "number", "const": 0}, "0")] = 0.0
+    frequency_penalty: Annotated[FiniteFloat, _refused({"type": "number", "const": 0}, "0")] = 0.0
+    logit_bias: Annotated[
+        dict[str, FiniteFloat] | None,
+        _refused(
+            {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]}, "null or {}"
+        ),
+    ] = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it (abuse monitoring)
 
     def unsupported(self) -> ApiError | None:
@@ -181,9 +217,10 @@ class CompletionRequest(_Strict):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, settings: Settings) -> SamplingParams:
+        explicit = "max_tokens" in self.model_fields_set
         return SamplingParams(
-            max_new_tokens=self.max_tokens,
+            max_new_tokens=limit_new_tokens(self.max_tokens, explicit, settings, "max_tokens"),
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,

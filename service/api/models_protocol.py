@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.schema_types import PositiveInt
 from service.engine.registry import ServedModel
 
 
@@ -45,7 +46,7 @@ class ModelList(BaseModel):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: Annotated[int, Field(ge=1)] | None = Field(None, description="default: the newest")
+    version: PositiveInt | None = Field(None, description="default: the newest")
 
 
 class UnloadResponse(BaseModel):

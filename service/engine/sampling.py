@@ -57,7 +57,12 @@ def filter_logits(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
     in descending probability order with ties by ascending id. Either way the order, and so the
     token a given uniform draw selects, is deterministic.
     """
-    scaled = logits.astype(np.float64) / params.temperature  # (v,)
+    # Shift before dividing: the largest logit becomes 0 and the rest are <= 0, so a tiny
+    # temperature sends them to -inf (probability 0) instead of overflowing to inf - inf = NaN.
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max()
+    with np.errstate(over="ignore"):  # overflow here is towards -inf, which is meant
+        scaled = shifted / params.temperature  # (v,)
     vocab = scaled.shape[0]
     top_p = 1.0 if params.top_p is None else params.top_p
     if not (params.top_k and params.top_k < vocab) and top_p >= 1:
