@@ -88,6 +88,25 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.deadline_exceeded = Counter(
+            PREFIX + "deadline_exceeded",
+            "Requests cancelled at their deadline (504), by where they were: queued, prefill, "
+            "decode (generation) or encode (waiting for or in an encode batch)",
+            ["model", "stage"],
+            registry=r,
+        )
+        self.model_failures = Counter(
+            PREFIX + "model_failures",
+            "Requests that failed inside the model (backend errors, not bad input)",
+            ["model"],
+            registry=r,
+        )
+        self.model_healthy = Gauge(
+            PREFIX + "model_healthy",
+            "1 while the model serves, 0 once its recent requests all failed",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             PREFIX + "model_info", "Loaded model versions (value 1)",
             ["model", "version", "architecture", "format", "precision", "provider"], registry=r,
@@ -149,6 +168,14 @@ class Metrics:
 
     def reject(self, model: str, reason: str) -> None:
         self.requests_rejected.labels(model, reason).inc()
+
+    def observe_model_outcome(self, model: str, ok: bool, healthy: bool) -> None:
+        if not ok:
+            self.model_failures.labels(model).inc()
+        self.model_healthy.labels(model).set(1 if healthy else 0)
+
+    def count_deadline_exceeded(self, model: str, stage: str) -> None:
+        self.deadline_exceeded.labels(model, stage).inc()
 
     def set_generation_state(
         self, model: str, running: int, waiting: int, kv_cache_bytes: int

@@ -6,6 +6,7 @@ Never read at import time: tests and embedders build ``Settings(...)`` explicitl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,4 +92,18 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="on reload/unload, how long the old version may finish requests in flight",
+    )
+
+    # Reliability: request identity, logs (service/api/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: 'time level logger: message' lines; json: one JSON object per line "
+        "(request id, route, model, status, tokens, queue and total time on access lines)",
+    )
+    request_timeout_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="deadline of an encode or generate request, from arrival; past it the "
+        "request is cancelled wherever it is and answered 504. 0 = none. A request may ask for "
+        "less with the X-Request-Timeout header (seconds), never for more",
     )

@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import ApiKey, AppSettings, Registry
-from service.api.errors import ERROR_RESPONSES
+from service.api.deadlines import Deadline, RequestDeadline
+from service.api.deps import ApiKey, AppMetrics, AppSettings, Registry, record_outcome
+from service.api.errors import ERROR_RESPONSES, ApiError, request_id_of
 from service.api.generate_protocol import (
     CompletionIdentity,
     CompletionRequest,
@@ -35,11 +36,13 @@ from service.engine.errors import EngineError, WrongTask
 from service.engine.generation import (
     GenerationChunk,
     GenerationEngine,
+    GenerationError,
     GenerationResult,
     GenerationStream,
 )
 from service.engine.registry import ModelRegistry, ServedModel
 from service.engine.sampling import SamplingParams
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +59,82 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _Session:
-    """One generation bound to a lease on its model version. ``close`` is idempotent."""
+    """One generation bound to a lease on its model version. ``close`` is idempotent.
 
-    def __init__(self, served: ServedModel, stream: GenerationStream) -> None:
+    It keeps ``request.state`` current for the access log (prompt and completion tokens, the time
+    the sequence waited for admission) and enforces the request's deadline (deadlines.py).
+    """
+
+    def __init__(
+        self, served: ServedModel, stream: GenerationStream, request: Request, deadline: Deadline,
+        metrics: Metrics,
+    ) -> None:  # fmt: skip
         self.served = served
         self.stream = stream
-        self._closed = False
+        self.request = request
+        self.deadline = deadline
+        self.metrics = metrics
+        self.request_id = request_id_of(request)
+        self.completion_tokens = 0
+        request.state.prompt_tokens = stream.prompt_tokens
+        request.state.completion_tokens = 0
+
+    _closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.stream.cancel()  # no-op when the generation already finished
             self.served.release()
+            if self.stream.queue_seconds is not None:
+                self.request.state.queue_seconds = self.stream.queue_seconds
+
+    async def next_chunk(self) -> GenerationChunk:
+        """The next chunk; ``TimeoutError`` past the deadline, ``StopAsyncIteration`` at the end."""
+        try:
+            async with asyncio.timeout(self.deadline.remaining()):
+                chunk = await anext(self.stream)
+        except GenerationError as exc:  # the backend failed a forward pass
+            record_outcome(self.metrics, self.served, exc)
+            raise
+        if chunk.finish_reason is not None:
+            record_outcome(self.metrics, self.served, None)
+        self.completion_tokens = chunk.completion_tokens
+        self.request.state.completion_tokens = chunk.completion_tokens
+        return chunk
+
+    def timed_out(self) -> ApiError:
+        """Cancel the generation (the engine frees it) and build the 504."""
+        if self.stream.queue_seconds is None:
+            stage = "queued"
+        else:
+            stage = "decode" if self.completion_tokens else "prefill"
+        self.close()
+        return self.deadline.exceeded(self.metrics, self.served.name, stage)
+
+    async def _collect(self) -> GenerationResult:
+        pieces: list[str] = []
+        tokens: list[int] = []
+        while True:
+            chunk = await self.next_chunk()
+            pieces.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                return GenerationResult(
+                    "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
+                    chunk.completion_tokens,
+                )  # fmt: skip
 
     async def result(self, request: Request) -> GenerationResult | None:
-        """The whole generation, or None if the client disconnected first (then cancelled)."""
-        collecting = asyncio.ensure_future(self.stream.collect())
+        """The whole generation, or None if the client disconnected first (then cancelled).
+        Raises the 504 past the deadline."""
+        collecting = asyncio.ensure_future(self._collect())
         watching = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
             if collecting.done():
+                if isinstance(collecting.exception(), TimeoutError):
+                    raise self.timed_out()
                 return collecting.result()
             return None
         finally:
@@ -94,7 +153,7 @@ async def _disconnected(request: Request) -> None:
 
 async def _open(
     registry: ModelRegistry, request: Request, name: str, prompt: str | list[int],
-    params: SamplingParams,
+    params: SamplingParams, deadline: Deadline, metrics: Metrics,
 ) -> _Session:  # fmt: skip
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
@@ -102,11 +161,16 @@ async def _open(
         raise WrongTask(name, served.task, "generate")
     served.acquire()
     try:
-        stream = await served.engine.submit(prompt, params)
+        # Tokenizing happens before the sequence is queued: a timeout here leaves nothing behind.
+        async with asyncio.timeout(deadline.remaining()):
+            stream = await served.engine.submit(prompt, params)
+    except TimeoutError:
+        served.release()
+        raise deadline.exceeded(metrics, name, "queued") from None
     except BaseException:
         served.release()
         raise
-    return _Session(served, stream)
+    return _Session(served, stream, request, deadline, metrics)
 
 
 def _sse(data: object) -> bytes:
@@ -125,15 +189,23 @@ def _event_stream(
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for chunk in session.stream:
+            while True:
+                try:
+                    chunk = await session.next_chunk()
+                except StopAsyncIteration:
+                    break
                 for payload in render(chunk):
                     yield _sse(payload)
             yield b"data: [DONE]\n\n"
+        except TimeoutError:
+            yield _sse({"error": session.timed_out().detail(session.request_id)})
         except EngineError as exc:  # e.g. the model was unloaded mid-stream
-            yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded"))
+            yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded",
+                                      session.request_id))  # fmt: skip
         except Exception:
             log.exception("generation failed mid-stream")
-            yield _sse(_error_payload("generation failed", "server_error", "internal_error"))
+            yield _sse(_error_payload("generation failed", "server_error", "internal_error",
+                                      session.request_id))  # fmt: skip
         finally:
             # Also runs when Starlette cancels this generator because the client disconnected.
             session.close()
@@ -145,18 +217,20 @@ def _event_stream(
     )  # fmt: skip
 
 
-def _error_payload(message: str, type_: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _error_payload(message: str, type_: str, code: str, request_id: str | None) -> dict[str, Any]:
+    error = ApiError(500, message, type=type_, code=code)
+    return {"error": error.detail(request_id)}
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=RESPONSES)
 async def generate(
-    body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings
-) -> Response:
+    body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings,
+    deadline: RequestDeadline, metrics: AppMetrics,
+) -> Response:  # fmt: skip
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
     last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params)
+    session = await _open(registry, request, body.model, body.prompt, params, deadline, metrics)
     if body.stream:
         return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
     result = await session.result(request)
@@ -167,14 +241,15 @@ async def generate(
 
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
 async def completions(
-    body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings
-) -> Response:
+    body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings,
+    deadline: RequestDeadline, metrics: AppMetrics,
+) -> Response:  # fmt: skip
     """OpenAI-compatible text completion (n = 1; no logprobs, echo, suffix or penalties)."""
     refusal = body.unsupported()
     if refusal is not None:
         raise refusal
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params)
+    session = await _open(registry, request, body.model, body.prompt, params, deadline, metrics)
     identity = CompletionIdentity(body.model)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

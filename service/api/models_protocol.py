@@ -24,6 +24,9 @@ class ModelCard(BaseModel):
     max_context: int
     trained_context: int
     provider: str
+    status: Literal["healthy", "unhealthy"] = Field(
+        description="unhealthy once the model's recent requests all failed inside it"
+    )
 
 
 class ModelList(BaseModel):
@@ -57,4 +60,5 @@ def card(served: ServedModel) -> ModelCard:
         max_context=manifest.max_context,
         trained_context=manifest.trained_context,
         provider=served.loaded.backend.provider,
+        status="healthy" if served.healthy else "unhealthy",
     )

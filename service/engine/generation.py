@@ -129,6 +129,8 @@ class GenerationStream:
         self._cancel = cancel
         self.finished = False  # the final chunk (or an error) was consumed
         self.cancelled = False
+        #: Arrival to admission, seconds; set by the worker when the sequence is admitted.
+        self.queue_seconds: float | None = None
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -449,6 +451,7 @@ class GenerationEngine:
         now = time.perf_counter()
         for seq in admitted:
             seq.admitted = now
+            seq.stream.queue_seconds = now - seq.arrival
             if seq.record_metrics:
                 self.metrics.count_input_tokens(self.name, len(seq.prompt))
             if self.mode == "kv_cache":
