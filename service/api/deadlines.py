@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from pydantic import WithJsonSchema
 
 from service.api.deps import AppSettings
 from service.api.errors import ApiError
@@ -49,6 +50,12 @@ class Deadline:
         )  # fmt: skip
 
 
+_HEADER_DOC = (
+    "this request's deadline in seconds from arrival; at most LONGHAUL_REQUEST_TIMEOUT_SECONDS "
+    "when that is set"
+)
+
+
 def request_deadline(
     request: Request,
     settings: AppSettings,
@@ -57,9 +64,10 @@ def request_deadline(
         Header(
             gt=0,
             allow_inf_nan=False,
-            description="this request's deadline in seconds from arrival; at most "
-            "LONGHAUL_REQUEST_TIMEOUT_SECONDS when that is set",
+            description=_HEADER_DOC,
         ),
+        # A header is absent or a number, never null: publish just the number.
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "description": _HEADER_DOC}),
     ] = None,
 ) -> Deadline:
     server = settings.request_timeout_seconds or math.inf
