@@ -75,6 +75,14 @@ def narrowed_openapi(url: str) -> dict[str, Any]:
     components = patched["components"]["schemas"]
     for component, names in MODEL_CHOICES.items():
         components[component]["properties"]["model"]["enum"] = names
+    # Deadlines are test_deadlines.py's: a fuzzed X-Request-Timeout of 5e-324 s ends most valid
+    # requests in a 504 before they reach an engine (and narrowing its range would make the
+    # fuzz expect refusals of values the server rightly accepts), so the fuzz leaves it out.
+    for item in patched["paths"].values():
+        for operation in item.values():
+            operation["parameters"] = [
+                p for p in operation.get("parameters", []) if p["name"] != "x-request-timeout"
+            ]
     for (path, method), names in NAME_CHOICES.items():
         for parameter in patched["paths"][path][method]["parameters"]:
             if parameter["name"] == "name":
@@ -89,11 +97,7 @@ def fuzz_run(fuzz_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) 
     schema_path = work / "openapi.json"
     schema_path.write_text(json.dumps(narrowed_openapi(fuzz_server.url)))
     calls_log = work / "calls.log"
-    # A tiny X-Request-Timeout is schema-valid and answered 504 deadline_exceeded, as documented:
-    # that one 5xx is not a server error.
-    (work / "schemathesis.toml").write_text(
-        '[checks.not_a_server_error]\nexpected-statuses = ["2xx", "3xx", "4xx", "504"]\n'
-    )
+
     cli = Path(sys.executable).with_name("schemathesis")
     command = [
         str(cli), "run", str(schema_path), "--url", fuzz_server.url,
@@ -125,7 +129,7 @@ def test_fuzzed_requests_follow_the_schema(fuzz_run: dict[str, Any]) -> None:
     assert fuzz_run["failures"] == [] and fuzz_run["errors"] == [], output
     assert fuzz_run["test_cases"]["with_failures"] == 0, output
     assert fuzz_run["exit_code"] == 0, output
-    assert not any(s.startswith("5") and s != "504" for _, s, _ in fuzz_run["calls"])
+    assert not any(status.startswith("5") for _, status, _ in fuzz_run["calls"])
 
 
 def test_fuzzing_reached_every_engine(fuzz_run: dict[str, Any]) -> None:
