@@ -55,7 +55,7 @@ class Fp32Rule:
         )
 
 
-FP32_RULE = Fp32Rule(rtol=1e-4, atol=1e-6)
+FP32_RULE = Fp32Rule(rtol=6e-5, atol=1e-6)
 
 
 class ParityError(RuntimeError):
