@@ -155,6 +155,8 @@ def reuse(ckpt: Path, store: Path, name: str, fmt: str, precision: str) -> dict[
     from exporters.checkpoint import directory_sha256
     from model_store import ModelRepository
 
+    if not store.is_dir():  # a fresh clone: nothing exported yet
+        return None
     repo = ModelRepository(store)
     if name not in repo.list_models():
         return None
