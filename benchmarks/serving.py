@@ -217,8 +217,10 @@ def request_bodies(ckpt: Path, p: ServingPlan) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------- metrics
 
 
-def scrape(base_url: str) -> dict[str, float]:
-    """Longhaul's batch histograms summed over models: {metric_sum/count: value}."""
+def scrape(base_url: str, model: str | None = None) -> dict[str, float]:
+    """Longhaul's batch histograms of ``model`` (summed over models when None):
+    {metric_sum/count: value}. With two models served, the decoder's steps are batches too,
+    so the encoder's figures must be picked by label."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     values: dict[str, float] = {}
     wanted = (
@@ -231,6 +233,8 @@ def scrape(base_url: str) -> dict[str, float]:
         if family.name not in wanted:
             continue
         for sample in family.samples:
+            if model is not None and sample.labels.get("model") not in (None, model):
+                continue
             if sample.name.endswith(("_sum", "_count")):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
@@ -375,7 +379,7 @@ def _encode_round(
     clients at the same time) for max_seconds / rounds, added to ``level``."""
     payload = [({"model": target.model, "inputs": t}, n) for t, n in bodies]
     if level.before is None:
-        level.before = scrape(target.base_url) if target.longhaul else {}
+        level.before = scrape(target.base_url, target.model) if target.longhaul else {}
     seconds = p.max_seconds / p.rounds
     requests = max(1, p.max_requests // p.rounds)
     # CPU seconds of the server and of this (load generator) process: on 2 shared cores the
@@ -402,7 +406,7 @@ def _level_row(target: Target, level: _Level) -> dict[str, Any]:
     row["server_cpu_s"] = round(level.server_cpu_s, 2)
     row["client_cpu_s"] = round(level.client_cpu_s, 2)
     if target.longhaul:
-        after, before = scrape(target.base_url), level.before or {}
+        after, before = scrape(target.base_url, target.model), level.before or {}
         row["padding_ratio"] = _mean(after, before, "longhaul_batch_padding_ratio")
         row["mean_batch_size"] = _mean(after, before, "longhaul_batch_size")
         row["mean_queue_s"] = _mean(after, before, "longhaul_queue_duration_seconds")
