@@ -1101,7 +1101,36 @@ def _step_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[s
             ],
             "",
         ]
-    return lines
+    return lines + _step_findings(section)
+
+
+def _step_findings(section: dict[str, Any]) -> list[str]:
+    """What the roofline says about the stream goals: the floor's own 16-row/1-row ratio caps
+    the tokens/s ratio a perfect engine could reach, before any measurement."""
+    out = ["What this run shows:", ""]
+    for precision, data in section.get("bloom", {}).items():
+        floor = data.get("floor", {})
+        if "1" not in floor or "16" not in floor:
+            continue
+        f1, f16 = floor["1"], floor["16"]
+        cap = 16 * f1["floor_s"] / f16["floor_s"]
+        bound = "memory" if f16["memory_s"] >= f16["compute_s"] else "compute"
+        engine = data.get("engine", {}).get("16", {})
+        step, graph = engine.get("step_p50_s"), engine.get("graph_p50_s")
+        line = (
+            f"- {precision}: a 16-row step's floor is {f16['floor_s'] / f1['floor_s']:.1f}× a "
+            f"1-row step's ({bound}-bound at 16 rows, which read {f16['kv_bytes'] / 1e6:.0f} MB "
+            f"of fp32 keys and values and {f16['weight_bytes'] / 1e6:.0f} MB of weights), so at "
+            f"the roofline 16 streams give at most {cap:.1f}× the tokens/s of one stream."
+        )
+        if step and graph:
+            line += (
+                f" Measured, the engine adds {(step - graph) * 1e3:.1f} ms "
+                f"({(step - graph) / step:.0%}) to the {graph * 1e3:.1f} ms graph of a 16-row step."
+            )
+        out.append(line)
+    out.append("")
+    return out
 
 
 # ----------------------------------------------------------------------------- terminal

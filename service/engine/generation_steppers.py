@@ -284,6 +284,8 @@ class KVCacheStepper:
             if sink.accept([seq], outputs["logits"][:, -1]):
                 self._release_chain(seq.id)
             else:
+                held = sum(p.cache.nbytes for p in self._prefills)  # beside the decode rows
+                self.batch.max_bytes = max(0, self.budget.capacity_bytes - held)
                 self.batch.add(seq.id, prefill.cache, seq.reserved_tokens)
                 self._decoding[seq.id] = seq
             sink.flush()
