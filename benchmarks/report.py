@@ -926,6 +926,7 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         "generation": (plot_generation, _generation_md),
         "engine": (lambda section, img_dir: [], _engine_md),
         "step": (lambda section, img_dir: [], _step_md),
+        "prefix": (lambda section, img_dir: [], _prefix_md),
     }
     for key, (plot, md) in writers.items():
         if key not in sections:
@@ -943,6 +944,15 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         images = [] if section.get("skipped") else plot(section, img_dir)
         lines += md(section, images, img_rel)
     out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+# ----------------------------------------------------------------------------- 7. prefix caching
+
+
+def _prefix_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    from benchmarks.prefix_cache import markdown  # the engine imports only when reported
+
+    return markdown(section, images, img_rel)
 
 
 # ----------------------------------------------------------------------------- 6. decode step
@@ -1194,6 +1204,16 @@ def summary_table(data: dict[str, Any]) -> str:
         out += [f"  {row}" for row in context]
         out.append("engine: | long prompt | prefill | TTFT s | ITL before | during | max |")
         out += [f"  {row}" for row in interference]
+    if "prefix" in s and not s["prefix"].get("error"):
+        f, o = s["prefix"]["follow_ups"], s["prefix"]["overhead"]
+        out.append(
+            f"\nprefix: {f['document_tokens']}-token document, TTFT first "
+            f"{_ms(f['first_ttft_s'])} ms, follow-ups median {_ms(f['follow_up_ttft_median_s'])} "
+            f"ms ({f['speedup_median']:.0f}x lower); nothing shared: tok/s on/off "
+            f"{o['ratio_median']:.3f}"
+        )
+        for row in s["prefix"]["shared"]:
+            out.append(f"  {row['run']:<28} {row['tokens_per_s']:.1f} tok/s")
     return "\n".join(out)
 
 
