@@ -88,6 +88,18 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.model_failures = Counter(
+            PREFIX + "model_failures",
+            "Requests that failed inside the model (backend errors, not bad input)",
+            ["model"],
+            registry=r,
+        )
+        self.model_healthy = Gauge(
+            PREFIX + "model_healthy",
+            "1 while the model serves, 0 once its recent requests all failed",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             PREFIX + "model_info", "Loaded model versions (value 1)",
             ["model", "version", "architecture", "format", "precision", "provider"], registry=r,
@@ -204,6 +216,11 @@ class Metrics:
     def reject(self, model: str, reason: str) -> None:
         self.requests_rejected.labels(model, reason).inc()
 
+    def observe_model_outcome(self, model: str, ok: bool, healthy: bool) -> None:
+        if not ok:
+            self.model_failures.labels(model).inc()
+        self.model_healthy.labels(model).set(1 if healthy else 0)
+
     def set_generation_state(
         self, model: str, running: int, waiting: int, kv_cache_bytes: int
     ) -> None:
@@ -233,6 +250,7 @@ class Metrics:
         # batch time model of the same load may already be set).
         self._remove_model_info(model)
         self.model_info.labels(model, str(version), architecture, fmt, precision, provider).set(1)
+        self.model_healthy.labels(model).set(1)  # a version is served once it answered warm-up
 
     def set_batch_time_model(
         self, model: str, source: str, coefficients: dict[str, float], seconds: float
@@ -246,6 +264,7 @@ class Metrics:
         self._remove_model_info(model)
         self._remove_labelled(self.batch_time_coefficient, model)
         self._remove_labelled(self.calibration_duration, model)
+        self._remove_labelled(self.model_healthy, model)
         self._remove_labelled(self.prefix_cache_bytes, model)
         self._remove_labelled(self.prefix_cache_blocks, model)
 

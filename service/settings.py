@@ -151,6 +151,13 @@ class Settings(BaseSettings):
         description="on reload/unload, how long the old version may finish requests in flight",
     )
 
+    # Reliability: request identity, logs (service/api/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: 'time level logger: message' lines; json: one JSON object per line "
+        "(request id, route, model, status, tokens, queue and total time on access lines)",
+    )
+
     def threads_per_model(self, models: int) -> int:
         """Intra-op threads for one of ``models`` models loaded at once (see thread_budget)."""
         if self.intra_op_threads:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,7 @@ class Sequence:
     future: asyncio.Future[np.ndarray]
     request: _Request
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # perf_counter when its batch was dispatched
 
     @property
     def length(self) -> int:
@@ -348,13 +350,21 @@ class EncodeBatcher:
         # Tokenizing a long document takes milliseconds: keep it off the event loop too.
         prepared = await asyncio.to_thread(prepare, self.model, inputs, params)
         sequences = [window for item in prepared for window in item.windows]
-        vectors = await self.submit(sequences, params.pooling)
+        vectors, queue_seconds = await self._submit(sequences, params.pooling)
         if count_tokens:
             self.metrics.count_input_tokens(self.name, sum(item.prompt_tokens for item in prepared))
-        return combine(prepared, vectors, params)
+        output = combine(prepared, vectors, params)
+        return dataclasses.replace(output, queue_seconds=queue_seconds)
 
     async def submit(self, rows: list[np.ndarray], pooling: Pooling) -> list[np.ndarray]:
         """Queue token-id rows; resolve to one pooled vector (or per-token matrix) per row."""
+        vectors, _ = await self._submit(rows, pooling)
+        return vectors
+
+    async def _submit(
+        self, rows: list[np.ndarray], pooling: Pooling
+    ) -> tuple[list[np.ndarray], float]:
+        """``submit`` plus the longest time one of the rows waited for its batch, seconds."""
         if self._closing:
             raise EngineStopped(
                 f"model {self.name!r} version {self.model.version} is being unloaded"
@@ -373,7 +383,8 @@ class EncodeBatcher:
         self.metrics.set_queue_depth(self.name, self._waiting_requests)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(seq.future for seq in sequences)))
+            vectors = list(await asyncio.gather(*(seq.future for seq in sequences)))
+            return vectors, max(seq.started - seq.enqueued for seq in sequences)
         except asyncio.CancelledError:
             # The caller went away: drop its sequences that have not reached a batch yet.
             for seq in sequences:
@@ -486,6 +497,8 @@ class EncodeBatcher:
         for seq in batch:
             self._taken(seq)
         now = time.perf_counter()
+        for seq in batch:
+            seq.started = now
         real = sum(seq.length for seq in batch)
         width = max(seq.length for seq in batch)
         self.metrics.observe_batch(

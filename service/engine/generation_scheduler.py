@@ -189,6 +189,7 @@ class Scheduler:
         now = time.perf_counter()
         for seq in admitted:
             seq.admitted = now
+            seq.stream.queue_seconds = now - seq.arrival
             if seq.record_metrics:
                 self.metrics.count_input_tokens(self.name, len(seq.prompt))
                 self.metrics.observe_queue(self.name, now - seq.arrival)
