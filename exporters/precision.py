@@ -47,16 +47,25 @@ def default_precision(fmt: str) -> tuple[str, str]:
 
 
 def export_auto(request: ExportRequest) -> ExportResult:
-    """Export with the default precision; fall back to fp32 when it misses the parity floor."""
-    from exporters.export import export
+    """Export with the default precision; fall back to fp32 when it misses the parity floor.
+
+    The checkpoint and the extrapolation sweep are prepared once for both attempts."""
+    import time
+
+    from exporters.export import export, prepare
     from exporters.parity import ParityError
 
+    started = time.perf_counter()
     precision, reason = default_precision(request.format)
+    prepared = prepare(request)
     first = dataclasses.replace(request, precision=precision, precision_reason=reason)
-    if precision == "fp32":
-        return export(first)
     try:
-        return export(first)
+        result = export(first, prepared)
     except ParityError as exc:
+        if precision == "fp32":
+            raise
         fallback = f"default {precision} missed the parity floor ({exc.report.summary()}), so fp32"
-        return export(dataclasses.replace(request, precision="fp32", precision_reason=fallback))
+        retry = dataclasses.replace(request, precision="fp32", precision_reason=fallback)
+        result = export(retry, prepared)
+    # The sweep and the failed attempt are part of what the user waited for.
+    return dataclasses.replace(result, seconds=time.perf_counter() - started)

@@ -120,17 +120,51 @@ class BlockPositions(NamedTuple):
     past_positions: Tensor  # (b, P) int64 positions of the past slots
     past_visible: Tensor  # (b, 1, 1, P) bool: real past slots, seen by every new query
     new_real: Tensor  # (b, t) bool: real new tokens
+    # (h, block, P + t + block) fp32 bias and causal mask of every block at once, when every
+    # token is real (see :func:`toeplitz_mask`); None: each block builds its own.
+    toeplitz: Tensor | None = None
 
 
-def block_positions(slopes: Tensor, attention_mask: Tensor, t: int) -> BlockPositions:
+def toeplitz_mask(slopes: Tensor, block: int, width: int, shift: int) -> Tensor:
+    """(h, block, width) fp32: entry (i, c) is the additive mask of distance r = i − c + shift,
+    −m·r for r ≥ 0 and the lowest float for r < 0 (a future key).
+
+    When every token is real, positions are slot numbers and the (bias + causal mask) of query
+    block [start, end) over keys [0, P + end) depends on i − j only: it is the slice
+    ``[:, :end − start, t − start : t − start + P + end]`` of this one tensor (``shift`` P + t,
+    ``width`` P + t + block), a view, shared by every block and layer. Same numbers as
+    :func:`alibi_bias` (the distance is exact in fp32 and scaled by the same −m)."""
+    rel = (
+        torch.arange(block, device=slopes.device)[:, None]
+        - torch.arange(width, device=slopes.device)[None, :]
+    )
+    rel = (rel + shift).to(slopes.dtype)  # (block, width)
+    mask = -slopes[:, None, None] * rel  # (h, block, width)
+    return mask.masked_fill_(rel < 0, torch.finfo(torch.float32).min)
+
+
+def block_positions(
+    slopes: Tensor, attention_mask: Tensor, t: int, block: int = 0
+) -> BlockPositions:
     """attention_mask (b, P + t), 1 for real tokens -> :class:`BlockPositions` for t new tokens.
 
-    Positions count real tokens only (``cumsum - 1``), as in :class:`AlibiLM`."""
+    Positions count real tokens only (``cumsum - 1``), as in :class:`AlibiLM`. With ``block``
+    and no padding anywhere, the shared :func:`toeplitz_mask` is built too (O(h · block · s))."""
     past = attention_mask.shape[-1] - t
     positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
     real = attention_mask.bool()
+    toeplitz = None
+    # A tensor value decides it: eager only, like every blocked path (exports are unblocked).
+    if block and bool(real.all()):
+        s = attention_mask.shape[-1]
+        toeplitz = toeplitz_mask(slopes, block, s + block, s)
     return BlockPositions(
-        slopes, positions[:, past:], positions[:, :past], real[:, None, None, :past], real[:, past:]
+        slopes,
+        positions[:, past:],
+        positions[:, :past],
+        real[:, None, None, :past],
+        real[:, past:],
+        toeplitz,
     )
 
 
@@ -153,9 +187,23 @@ def alibi_attention_blocked(
     Each block's scores, bias and masks are built, softmaxed and applied before the next, so the
     largest tensors are (b, h, block, P + t): O(h · block · s) memory instead of O(h · t · s).
     Causality also lets block [i0, i1) skip the new keys after i1, halving the work of a prefill.
+
+    fp32 blocks run ``scaled_dot_product_attention`` with the block's bias and mask as its
+    additive mask (one pass over it, score tiles kept in cache), read as a view of
+    ``positions.toeplitz`` when there is one; reduced precision keeps the split path, whose
+    scores are fp32 whatever the model's dtype (docs/decisions.md, "Blocked attention").
     """
     t = q.shape[-2]
+    p = past_k.shape[-2]
     slots = torch.arange(t, device=q.device)
+    fused = q.dtype == torch.float32
+    toeplitz = positions.toeplitz if fused else None
+    if toeplitz is not None and toeplitz.shape[-2] < min(block, t):
+        raise ValueError(f"toeplitz mask built for blocks of {toeplitz.shape[-2]}, not {block}")
+    if fused and p:
+        keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)  # (b,h,s,e)
+    else:
+        keys, values = k, v
     out = []
     # Last block first: causal blocks grow with their end, and run in increasing order each
     # one's tensors outgrow the memory the previous ones freed, so the heap fragments and RSS
@@ -165,18 +213,46 @@ def alibi_attention_blocked(
         end = min(start + block, t)
         query_positions = positions.query_positions[:, start:end]  # (b, B)
         causal = slots[None, :end] <= slots[start:end, None]  # (B, end)
-        split = SplitBias(
-            alibi_bias(positions.slopes, query_positions, positions.past_positions),  # (b,h,B,P)
-            alibi_bias(positions.slopes, query_positions, positions.query_positions[:, :end]),
-            positions.past_visible,
-            causal & positions.new_real[:, None, None, :end],  # (b, 1, B, end)
-        )
+        new_visible = causal & positions.new_real[:, None, None, :end]  # (b, 1, B, end)
+        if toeplitz is not None:
+            mask = toeplitz[None, :, : end - start, t - start : t - start + p + end]  # a view
+        elif fused:
+            mask = _block_mask(positions, query_positions, end, new_visible)
+        else:
+            split = SplitBias(
+                alibi_bias(positions.slopes, query_positions, positions.past_positions),
+                alibi_bias(positions.slopes, query_positions, positions.query_positions[:, :end]),
+                positions.past_visible,
+                new_visible,
+            )  # (b, h, B, P) and (b, h, B, end) biases
+            out.append(
+                alibi_attention_split(
+                    q[..., start:end, :], past_k, past_v, k[..., :end, :], v[..., :end, :],
+                    split, scale,
+                )
+            )  # fmt: skip
+            continue
+        # Masked keys hold the lowest float, not −inf: a query with no visible key (a left-pad
+        # slot) gets a finite uniform row, as in alibi_attention_split.
         out.append(
-            alibi_attention_split(
-                q[..., start:end, :], past_k, past_v, k[..., :end, :], v[..., :end, :], split, scale
+            F.scaled_dot_product_attention(
+                q[..., start:end, :], keys[..., : p + end, :], values[..., : p + end, :],
+                attn_mask=mask, scale=q.shape[-1] ** -0.5 if scale is None else scale,
             )
-        )
+        )  # fmt: skip
     return torch.cat(out[::-1], dim=-2)  # (b, h, t, e)
+
+
+def _block_mask(
+    positions: BlockPositions, query_positions: Tensor, end: int, new_visible: Tensor
+) -> Tensor:
+    """(b, h, B, P + end) fp32 additive bias and mask of one query block over the past keys and
+    the new keys up to the block's end, for a batch with padding."""
+    keys = torch.cat([positions.past_positions, positions.query_positions[:, :end]], -1)
+    mask = alibi_bias(positions.slopes, query_positions, keys)  # (b, h, B, P + end)
+    b, _, rows, _ = new_visible.shape
+    visible = torch.cat([positions.past_visible.expand(b, 1, rows, -1), new_visible], -1)
+    return mask.masked_fill_(~visible, torch.finfo(torch.float32).min)
 
 
 def alibi_attention(
@@ -395,7 +471,7 @@ class AlibiLM(StackedCacheMixin, nn.Module):
         bias: SplitBias | BlockPositions
         # A config switch and a Python int, never a tensor value: export-safe (exports use 0).
         if 0 < c.attention_block < t:
-            bias = block_positions(slopes, attention_mask, t)
+            bias = block_positions(slopes, attention_mask, t, c.attention_block)
         else:
             key_positions = attention_mask.cumsum(dim=-1) - 1  # (b, P + t)
             query_positions = key_positions[:, past:]  # (b, t)

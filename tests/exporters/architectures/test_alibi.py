@@ -178,6 +178,36 @@ def test_blocked_attention_matches_the_naive_reference(t: int, past: int, block:
     torch.testing.assert_close(out * real, unblocked * real, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("t", [7, 64, 300])
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("block", [3, 16, 64])
+def test_unpadded_blocks_read_one_shared_mask_with_the_same_numbers(
+    t: int, past: int, block: int
+) -> None:
+    slopes = alibi_slopes(6)
+    q, k, v, mask = blocked_inputs(1, 6, t, past, seed=t + past)  # one row: nothing padded
+    shared = block_positions(slopes, mask, t, block)
+    assert shared.toeplitz is not None
+    assert shared.toeplitz.shape == (6, block, past + t + block)  # O(h · block · s)
+    split = (q, k[..., :past, :], v[..., :past, :], k[..., past:, :], v[..., past:, :])
+    out = alibi_attention_blocked(*split, shared, block)
+    reference = naive_alibi_attention(q, k, v, slopes, mask)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
+    # ... the per-block masks (what a padded batch builds) and the split path of bf16 models.
+    per_block = alibi_attention_blocked(*split, block_positions(slopes, mask, t), block)
+    torch.testing.assert_close(out, per_block, atol=1e-6, rtol=0)
+    double = alibi_attention_blocked(*(x.double() for x in split), shared, block)
+    torch.testing.assert_close(out, double.float(), atol=ATOL, rtol=0)
+    # Its block/key slices are exactly alibi_bias, with future keys at the lowest float.
+    positions = mask.cumsum(-1) - 1
+    bias = alibi_bias(slopes, positions[:, past:], positions)[0]  # (h, t, s)
+    start = t - min(block, t)
+    view = shared.toeplitz[:, : t - start, t - start : t - start + past + t]  # (h, B, s)
+    future = torch.arange(past + t)[None, :] > torch.arange(past + start, past + t)[:, None]
+    torch.testing.assert_close(view[:, ~future], bias[:, start:][:, ~future], atol=0, rtol=0)
+    assert (view[:, future] == torch.finfo(torch.float32).min).all()
+
+
 def test_blocked_attention_never_builds_a_bias_longer_than_the_block(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -202,8 +232,9 @@ def test_blocked_attention_never_builds_a_bias_longer_than_the_block(
 
 
 @pytest.mark.parametrize("length", [9, 40, 129])
+@pytest.mark.parametrize("padded", [True, False])
 def test_blocked_model_equals_unblocked_model_with_padding_and_a_past(
-    model: AlibiLM, length: int
+    model: AlibiLM, length: int, padded: bool
 ) -> None:
     blocked = AlibiLM(dataclasses.replace(CONFIG, attention_block=8)).eval()
     unblocked = AlibiLM(dataclasses.replace(CONFIG, attention_block=0)).eval()
@@ -211,7 +242,8 @@ def test_blocked_model_equals_unblocked_model_with_padding_and_a_past(
     unblocked.load_state_dict(model.state_dict())
     ids = random_ids(2, length)
     mask = torch.ones_like(ids)
-    mask[1, : length // 2] = 0  # left padding
+    if padded:  # else every block reads the shared Toeplitz mask
+        mask[1, : length // 2] = 0  # left padding
     with torch.no_grad():
         want_logits, want_hidden = unblocked(ids, mask)
         got_logits, got_hidden = blocked(ids, mask)
