@@ -60,7 +60,7 @@ class OverloadPlan:
 def plan(quick: bool) -> OverloadPlan:
     if quick:
         return OverloadPlan(3.0, 32, 2, 2, 0.1, 8, 16)
-    return OverloadPlan(10.0, 64, 2, 2, 0.1, 16, 16)
+    return OverloadPlan(10.0, 32, 2, 2, 0.1, 16, 16)
 
 
 def server_env(plan: OverloadPlan, models: list[str]) -> dict[str, str]:
@@ -198,7 +198,11 @@ async def run_engine(
     """Solo requests, then ``plan.clients`` closed-loop clients for ``plan.seconds``."""
     run = EngineRun()
     url = f"{server.url}{path}"
-    limits = httpx.Limits(max_connections=plan.clients, max_keepalive_connections=plan.clients)
+    # Idle connections expire on the client first: uvicorn closes them after 5 s, and a client
+    # that reuses one at that instant gets a connection reset, not an answer.
+    limits = httpx.Limits(
+        max_connections=plan.clients, max_keepalive_connections=plan.clients, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as client:
         for _ in range(plan.solo_requests):
             sent = time.perf_counter()
