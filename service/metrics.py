@@ -129,6 +129,40 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prefix_cache_lookups = Counter(
+            PREFIX + "prefix_cache_lookups",
+            "Generation prompts looked up in the prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_lookup_tokens = Counter(
+            PREFIX + "prefix_cache_lookup_tokens",
+            "Prompt tokens of the prompts looked up in the prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            PREFIX + "prefix_cache_hit_tokens",
+            "Prompt tokens whose KV entries came from the prefix cache instead of a prefill",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_evictions = Counter(
+            PREFIX + "prefix_cache_evicted_blocks",
+            "Prefix-cache blocks evicted (least recently used) to make room",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            PREFIX + "prefix_cache_bytes",
+            "Bytes of KV entries held by the prefix cache (beside kv_cache_bytes)",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            PREFIX + "prefix_cache_blocks", "Blocks held by the prefix cache", ["model"],
+            registry=r,
+        )  # fmt: skip
         self.batch_time_coefficient = Gauge(
             PREFIX + "batch_time_coefficient",
             "Encode batch time model: seconds per unit of each term (fixed, per_sequence, "
@@ -204,6 +238,21 @@ class Metrics:
         self.waiting_sequences.labels(model).set(waiting)
         self.kv_cache_bytes.labels(model).set(kv_cache_bytes)
 
+    def observe_prefix_lookup(self, model: str, prompt_tokens: int, hit_tokens: int) -> None:
+        """``prompt_tokens`` > 0: a prompt's first lookup; ``hit_tokens`` reused by any lookup."""
+        if prompt_tokens:
+            self.prefix_cache_lookups.labels(model).inc()
+            self.prefix_cache_lookup_tokens.labels(model).inc(prompt_tokens)
+        if hit_tokens:
+            self.prefix_cache_hit_tokens.labels(model).inc(hit_tokens)
+
+    def set_prefix_cache(self, model: str, nbytes: int, blocks: int, evicted: int) -> None:
+        """The cache's size now; ``evicted``: blocks evicted since the last report."""
+        self.prefix_cache_bytes.labels(model).set(nbytes)
+        self.prefix_cache_blocks.labels(model).set(blocks)
+        if evicted:
+            self.prefix_cache_evictions.labels(model).inc(evicted)
+
     def set_model_info(
         self, model: str, version: int, architecture: str, fmt: str, precision: str, provider: str
     ) -> None:
@@ -226,6 +275,8 @@ class Metrics:
         self._remove_labelled(self.batch_time_coefficient, model)
         self._remove_labelled(self.calibration_duration, model)
         self._remove_labelled(self.model_healthy, model)
+        self._remove_labelled(self.prefix_cache_bytes, model)
+        self._remove_labelled(self.prefix_cache_blocks, model)
 
     @staticmethod
     def _remove_labelled(gauge: Gauge, model: str) -> None:

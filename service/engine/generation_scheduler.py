@@ -277,8 +277,11 @@ class Scheduler:
     def _publish(self) -> None:
         """Worker: recompute the snapshot and the gauges from the worker-owned state."""
         kv, decoding = self.stepper.cache_bytes, self.stepper.decoding
+        prefix = self.stepper.prefix_cache_bytes
         with self._lock:
-            self._stats = GenerationStats(len(self._active), len(self._waiting), kv, decoding)
+            self._stats = GenerationStats(
+                len(self._active), len(self._waiting), kv, decoding, prefix
+            )
             self._report_locked()
 
     def _publish_waiting_locked(self) -> None:
