@@ -9,8 +9,9 @@ docs/benchmarks.md and plots (``make bench`` runs both).
 Sections run in this order because later ones use earlier results: serving and generation
 serve the CPU default path that the backends section chose (``--path`` overrides it). The
 engine section (continuous batching in process, on the ALiBi demo model) and the step section
-(decode-step roofline and breakdown, benchmarks/decode_step.py) and the prefix section (a long
-shared document, benchmarks/prefix_cache.py) stand alone.
+(decode-step roofline and breakdown, benchmarks/decode_step.py), the prefix section (a long
+shared document, benchmarks/prefix_cache.py) and the overload section (each engine past its
+queue limit on a real server, benchmarks/overload.py) stand alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ from benchmarks.common import (
     write_json,
 )
 
-SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step", "prefix")
+SECTIONS = (
+    "scaling",
+    "backends",
+    "serving",
+    "generation",
+    "engine",
+    "step",
+    "prefix",
+    "overload",
+)
 
 
 def _path(value: str) -> tuple[str, str]:
@@ -73,6 +83,10 @@ def _run_section(
         from benchmarks import prefix_cache
 
         return prefix_cache.section(quick, threads, work / "prefix", log)
+    if section == "overload":
+        from benchmarks import overload
+
+        return overload.section(quick, work / "overload", log)
     if section == "step":
         from benchmarks import decode_step
 

@@ -927,6 +927,7 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         "engine": (lambda section, img_dir: [], _engine_md),
         "step": (lambda section, img_dir: [], _step_md),
         "prefix": (lambda section, img_dir: [], _prefix_md),
+        "overload": (lambda section, img_dir: [], _overload_md),
     }
     for key, (plot, md) in writers.items():
         if key not in sections:
@@ -953,6 +954,44 @@ def _prefix_md(section: dict[str, Any], images: list[str], img_rel: str) -> list
     from benchmarks.prefix_cache import markdown  # the engine imports only when reported
 
     return markdown(section, images, img_rel)
+
+
+# ----------------------------------------------------------------------------- 8. overload
+
+
+def _overload_rows(section: dict[str, Any]) -> list[str]:
+    rows = []
+    for engine, r in section["engines"].items():
+        other = sum(v for k, v in r["statuses"].items() if k not in ("200", "429"))
+        rows.append(
+            f"| {engine} | {r['sent']} | {r['admitted']} | {r['rejected']} "
+            f"({r['rejected_without_retry_after']} without Retry-After; server counted "
+            f"{r['server_rejected']:.0f}) | {other} | {_ms(r['solo_p99_s'])} | "
+            f"{_ms(r['admitted_p50_s'])} | {_ms(r['admitted_p99_s'])} | {_ms(r['p99_bound_s'])} | "
+            f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} (max {r['rss_max_mib']:.0f}) |"
+        )
+    return rows
+
+
+def _overload_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
+    p = section["plan"]
+    return [
+        "## 8. Overload: each engine past its queue limit",
+        "",
+        f"A real `python -m service` on loopback with queue limits of {p['queue_limit']} "
+        f"(`LONGHAUL_MAX_QUEUE_REQUESTS`, `LONGHAUL_MAX_WAITING_SEQUENCES`) and "
+        f"{p['slots']} slots (`LONGHAUL_MAX_BATCH_SIZE`, `LONGHAUL_MAX_NUM_SEQS`), tiny models; "
+        f"{p['clients']} closed-loop clients per engine for {p['seconds']:g} s, each waiting "
+        f"{p['retry_pause_s']:g} s after a 429 (benchmarks/overload.py). The p99 bound is "
+        f"{p['slack']:g} × (queue limit / slots + 1) × solo p99 + {p['floor_s']:g} s; RSS is "
+        "the server's, first and last sample of the run.",
+        "",
+        "| engine | sent | 200 | 429 | other | solo p99 | admitted p50 | p99 | p99 bound | "
+        "RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *_overload_rows(section),
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------- 6. decode step
@@ -1196,6 +1235,11 @@ def summary_table(data: dict[str, Any]) -> str:
                     for r in rows
                 )
                 out.append(f"  {label:<34} {cells}")
+    if "overload" in s:
+        out.append(
+            "\noverload: | engine | sent | 200 | 429 | other | solo p99 | p50 | p99 | bound | RSS |"
+        )
+        out += [f"  {row}" for row in _overload_rows(s["overload"])]
     if "engine" in s:
         throughput, context, interference = _engine_rows(s["engine"])
         out.append("\nengine: | streams | tok/s | × 1 | ITL p50 | p99 |")

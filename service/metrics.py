@@ -88,6 +88,13 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.deadline_exceeded = Counter(
+            PREFIX + "deadline_exceeded",
+            "Requests cancelled at their deadline (504), by where they were: queued, prefill, "
+            "decode (generation) or encode (waiting for or in an encode batch)",
+            ["model", "stage"],
+            registry=r,
+        )
         self.model_failures = Counter(
             PREFIX + "model_failures",
             "Requests that failed inside the model (backend errors, not bad input)",
@@ -220,6 +227,9 @@ class Metrics:
         if not ok:
             self.model_failures.labels(model).inc()
         self.model_healthy.labels(model).set(1 if healthy else 0)
+
+    def count_deadline_exceeded(self, model: str, stage: str) -> None:
+        self.deadline_exceeded.labels(model, stage).inc()
 
     def set_generation_state(
         self, model: str, running: int, waiting: int, kv_cache_bytes: int

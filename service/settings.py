@@ -157,6 +157,14 @@ class Settings(BaseSettings):
         description="text: 'time level logger: message' lines; json: one JSON object per line "
         "(request id, route, model, status, tokens, queue and total time on access lines)",
     )
+    request_timeout_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="deadline of an encode or generate request, from arrival; past it the "
+        "request is cancelled wherever it is and answered 504. 0 = none. A request may ask for "
+        "less with the X-Request-Timeout header (seconds), never for more",
+    )
 
     def threads_per_model(self, models: int) -> int:
         """Intra-op threads for one of ``models`` models loaded at once (see thread_budget)."""

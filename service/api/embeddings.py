@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.api.deadlines import RequestDeadline
 from service.api.deps import ApiKey, AppMetrics, Registry
 from service.api.embeddings_protocol import EmbeddingRequest, EmbeddingResponse, to_response
 from service.api.encode import encode_with
@@ -15,8 +16,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
 async def embeddings(
-    body: EmbeddingRequest, request: Request, registry: Registry, metrics: AppMetrics
-) -> JSONResponse:
+    body: EmbeddingRequest, request: Request, registry: Registry, metrics: AppMetrics,
+    deadline: RequestDeadline,
+) -> JSONResponse:  # fmt: skip
     if body.dimensions is not None:
         # None: a graph without embeddings (a decoder); encode_with answers wrong_task.
         width = registry.get(body.model).loaded.hidden_size
@@ -27,6 +29,6 @@ async def embeddings(
                 param="dimensions",
             )  # fmt: skip
     output = await encode_with(
-        registry, request, body.model, body.inputs(), body.to_params(), metrics
+        registry, request, body.model, body.inputs(), body.to_params(), metrics, deadline
     )
     return JSONResponse(to_response(body.model, output, body.encoding_format))

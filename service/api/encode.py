@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.api.deadlines import Deadline, RequestDeadline
 from service.api.deps import ApiKey, AppMetrics, Registry, record_outcome
 from service.api.encode_protocol import EncodeRequest, EncodeResponse, to_response
 from service.api.errors import ERROR_RESPONSES
@@ -18,15 +19,19 @@ router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[ApiKey])
 
 async def encode_with(
     registry: ModelRegistry, request: Request, name: str, inputs: list[str] | list[list[int]],
-    params: EncodeParams, metrics: Metrics,
+    params: EncodeParams, metrics: Metrics, deadline: Deadline,
 ) -> EncodeOutput:  # fmt: skip
     """Shared by /v1/encode and /v1/embeddings: lease the model, check its task, encode.
-    Leaves the access log's figures in ``request.state`` and keeps the model's health."""
+    Leaves the access log's figures in ``request.state`` and keeps the model's health; 504 past
+    the deadline (cancelling the awaiting task drops the request's rows that are still queued)."""
     request.state.model = name
     async with registry.lease(name) as served:
         encoder = served.encoder()
         try:
-            output = await encoder.encode(inputs, params)
+            async with deadline.timeout():
+                output = await encoder.encode(inputs, params)
+        except TimeoutError:
+            raise deadline.exceeded(metrics, name, "encode") from None
         except EngineError:
             raise  # the request's own fault (too long, bad token id, queue full), not the model's
         except Exception as exc:
@@ -40,10 +45,11 @@ async def encode_with(
 
 @router.post("/encode", response_model=EncodeResponse, responses=ERROR_RESPONSES)
 async def encode(
-    body: EncodeRequest, request: Request, registry: Registry, metrics: AppMetrics
-) -> JSONResponse:
+    body: EncodeRequest, request: Request, registry: Registry, metrics: AppMetrics,
+    deadline: RequestDeadline,
+) -> JSONResponse:  # fmt: skip
     """Embeddings with Longhaul's options: pooling, normalisation, truncation or chunking."""
     output = await encode_with(
-        registry, request, body.model, body.texts(), body.to_params(), metrics
+        registry, request, body.model, body.texts(), body.to_params(), metrics, deadline
     )
     return JSONResponse(to_response(body.model, output))

@@ -47,6 +47,7 @@ TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -121,6 +122,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: _describe(429, "Queue full; retry after the Retry-After header"),
     500: _describe(500, "Internal error (logged with the id in the message)"),
     503: _describe(503, "Model still loading or being unloaded"),
+    504: _describe(
+        504,
+        "Deadline exceeded (LONGHAUL_REQUEST_TIMEOUT_SECONDS or X-Request-Timeout): the "
+        "request was cancelled; code deadline_exceeded",
+    ),
 }
 ADMIN_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from service.api.deadlines import Deadline, RequestDeadline
 from service.api.deps import ApiKey, AppMetrics, AppSettings, Registry, record_outcome
 from service.api.errors import ERROR_RESPONSES, ApiError, request_id_of
 from service.api.generate_protocol import (
@@ -57,16 +58,19 @@ class _Session:
 
     Its chunks go through :meth:`chunks`, which keeps ``request.state`` current for the access
     log (prompt and completion tokens, the time the sequence waited for admission) and the
-    model's health (a forward pass that failed counts against it).
+    model's health (a forward pass that failed counts against it), and enforces the request's
+    deadline (deadlines.py): past it the generation is cancelled and a 504 raised.
     """
 
     def __init__(
-        self, served: ServedModel, stream: GenerationStream, request: Request, metrics: Metrics
-    ) -> None:
+        self, served: ServedModel, stream: GenerationStream, request: Request, metrics: Metrics,
+        deadline: Deadline,
+    ) -> None:  # fmt: skip
         self.served = served
         self.stream = stream
         self.request = request
         self.metrics = metrics
+        self.deadline = deadline
         self.request_id = request_id_of(request)
         self._closed = False
         request.state.prompt_tokens = stream.prompt_tokens
@@ -84,9 +88,12 @@ class _Session:
         """The stream's chunks, with the bookkeeping above."""
         while True:
             try:
-                chunk = await anext(self.stream)
+                async with self.deadline.timeout():
+                    chunk = await anext(self.stream)
             except StopAsyncIteration:
                 return
+            except TimeoutError:
+                raise self.timed_out() from None
             except GenerationError as exc:  # the backend failed a forward pass
                 record_outcome(self.metrics, self.served, exc)
                 raise
@@ -94,6 +101,15 @@ class _Session:
             if chunk.finish_reason is not None:
                 record_outcome(self.metrics, self.served, None)
             yield chunk
+
+    def timed_out(self) -> ApiError:
+        """Cancel the generation (the engine frees it within a step) and build the 504."""
+        if self.stream.queue_seconds is None:
+            stage = "queued"
+        else:
+            stage = "decode" if self.request.state.completion_tokens else "prefill"
+        self.close()
+        return self.deadline.exceeded(self.metrics, self.served.name, stage)
 
     async def collect(self) -> GenerationResult:
         pieces: list[str] = []
@@ -133,18 +149,23 @@ async def _disconnected(request: Request) -> None:
 
 async def _open(
     registry: ModelRegistry, request: Request, name: str, prompt: str | list[int],
-    params: SamplingParams, metrics: Metrics,
+    params: SamplingParams, metrics: Metrics, deadline: Deadline,
 ) -> _Session:  # fmt: skip
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
     engine = served.generator()
     served.acquire()
     try:
-        stream = await engine.submit(prompt, params)
+        # Tokenizing happens before the sequence is queued: a timeout here leaves nothing behind.
+        async with deadline.timeout():
+            stream = await engine.submit(prompt, params)
+    except TimeoutError:
+        served.release()
+        raise deadline.exceeded(metrics, name, "queued") from None
     except BaseException:
         served.release()
         raise
-    return _Session(served, stream, request, metrics)
+    return _Session(served, stream, request, metrics, deadline)
 
 
 def _sse(data: object) -> bytes:
@@ -167,6 +188,8 @@ def _event_stream(
                 for payload in render(chunk):
                     yield _sse(payload)
             yield b"data: [DONE]\n\n"
+        except ApiError as exc:  # the deadline passed: the generation is already cancelled
+            yield _sse({"error": exc.detail(session.request_id)})
         except EngineError as exc:  # e.g. the model was unloaded mid-stream
             yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded",
                                       session.request_id))  # fmt: skip
@@ -193,12 +216,12 @@ def _error_payload(message: str, type_: str, code: str, request_id: str | None) 
 @router.post("/generate", response_model=GenerateResponse, responses=RESPONSES)
 async def generate(
     body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings,
-    metrics: AppMetrics,
+    metrics: AppMetrics, deadline: RequestDeadline,
 ) -> Response:  # fmt: skip
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
     last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params, metrics)
+    session = await _open(registry, request, body.model, body.prompt, params, metrics, deadline)
     if body.stream:
         return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
     result = await session.result(request)
@@ -210,14 +233,14 @@ async def generate(
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
 async def completions(
     body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings,
-    metrics: AppMetrics,
+    metrics: AppMetrics, deadline: RequestDeadline,
 ) -> Response:  # fmt: skip
     """OpenAI-compatible text completion (n = 1; no logprobs, echo, suffix or penalties)."""
     refusal = body.unsupported()
     if refusal is not None:
         raise refusal
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params, metrics)
+    session = await _open(registry, request, body.model, body.prompt, params, metrics, deadline)
     identity = CompletionIdentity(body.model)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

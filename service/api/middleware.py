@@ -141,6 +141,7 @@ class RequestContextMiddleware:
         request_id = request_id_from(dict(scope["headers"]).get(REQUEST_ID_HEADER.encode()))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = time.monotonic()  # deadlines count from here (deadlines.py)
         status = 500
 
         async def send_with_id(message: Message) -> None:

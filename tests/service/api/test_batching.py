@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,6 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from tests.service.conftest import EagerReference, ServiceStore, make_settings, run, running_app
-from tests.service.helpers import publish_copy
 
 # Distinct texts of different lengths, so a mixed-up result would be noticed.
 TEXTS = [f"def f{i}(x):\n    return x * {i}" + " + 1" * (i % 5) for i in range(12)]
@@ -51,33 +49,3 @@ def test_concurrent_requests_are_batched_and_answered_individually(
     assert batches - buckets[1.0] >= 1, f"{model}: no batch larger than 1 ({buckets})"
     # 12 requests + 1 warm-up in far fewer forward passes than requests.
     assert batches <= 7, buckets
-
-
-def test_reload_under_load_loses_no_request(
-    store_copy: ServiceStore, tmp_path: Path, eager: Callable[[str], EagerReference]
-) -> None:
-    settings = make_settings(store_copy.root, models=["lin"], admin_keys=["a"], max_wait_ms=20.0)
-    app = create_app(settings)
-    publish_copy(store_copy.root, "lin", tmp_path)
-    ref = eager("lin")
-
-    async def main() -> tuple[list[int], list[int], int]:
-        async with running_app(app) as http:
-
-            async def client(i: int) -> tuple[int, int]:
-                text = TEXTS[i % len(TEXTS)]
-                r = await http.post("/v1/encode", json={"model": "lin", "inputs": text})
-                expected = ref.embed(ref.token_ids(text))
-                got = r.json()["embeddings"][0] if r.status_code == 200 else None
-                ok = got is not None and np.allclose(got, expected, atol=1e-4)
-                return r.status_code, int(ok)
-
-            requests = [asyncio.create_task(client(i)) for i in range(24)]
-            await asyncio.sleep(0.01)
-            reload = await http.post("/v1/models/lin/load", headers={"Authorization": "Bearer a"})
-            results = await asyncio.gather(*requests)
-            return [s for s, _ in results], [ok for _, ok in results], reload.json()["version"]
-
-    statuses, correct, version = run(main())
-    assert version == 2
-    assert statuses == [200] * 24 and all(correct)

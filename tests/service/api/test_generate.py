@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,18 +18,15 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.backends.base import Backend
 from service.engine.generation import GenerationEngine
-from tests.service.conftest import ServiceStore, make_settings, running_app, wait_ready
+from tests.service.conftest import ServiceStore, make_settings, running_app
 
 LIMIT = 64  # max_new_tokens_limit for these tests
 PROMPT = "def parse(self, text):\n    return"
 
 
 @pytest.fixture(scope="module")
-def client(service_store: ServiceStore) -> Iterator[TestClient]:
-    settings = make_settings(service_store.root, models=["ali", "lin"], max_new_tokens_limit=LIMIT)
-    with TestClient(create_app(settings)) as test_client:
-        wait_ready(test_client)
-        yield test_client
+def client(generate_client: TestClient) -> TestClient:
+    return generate_client  # ali + lin, max_new_tokens_limit = LIMIT (api/conftest.py)
 
 
 def engine_of(client: TestClient | httpx.AsyncClient, app: Any = None) -> GenerationEngine:

@@ -26,6 +26,9 @@ DOCUMENTED_METRICS = {
     "longhaul_running_sequences": "gauge",
     "longhaul_waiting_sequences": "gauge",
     "longhaul_kv_cache_bytes": "gauge",
+    "longhaul_deadline_exceeded": "counter",
+    "longhaul_model_failures": "counter",
+    "longhaul_model_healthy": "gauge",
 }
 
 

@@ -7,26 +7,20 @@ Bodies are sent as raw JSON text where the point is the literal on the wire (``1
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.schema_types import MAX_EXACT_INT, MAX_TEMPERATURE
-from service.app import create_app
-from tests.service.conftest import ServiceStore, make_settings, wait_ready
 
 LIMIT = 8  # max_new_tokens_limit: below the default of 16 on purpose
 PROMPT = "def parse(self, text):\n    return"
 
 
 @pytest.fixture(scope="module")
-def client(service_store: ServiceStore) -> Iterator[TestClient]:
-    settings = make_settings(service_store.root, models=["ali", "lin"], max_new_tokens_limit=LIMIT)
-    with TestClient(create_app(settings)) as test_client:
-        wait_ready(test_client)
-        yield test_client
+def client(generate_client: TestClient) -> TestClient:
+    return generate_client  # ali + lin, max_new_tokens_limit = LIMIT (api/conftest.py)
 
 
 def post_raw(client: TestClient, path: str, body: str) -> Any:
