@@ -155,10 +155,13 @@ def test_a_hit_ending_mid_block_gives_the_tokens_of_a_cold_prefill(
 def test_an_entirely_cached_prompt_computes_only_its_last_token(
     trained: Trained, doc: list[int], params: dict[str, Any]
 ) -> None:
-    prompt = doc + question(trained, " x")
+    """A prompt inside the whole blocks of an earlier one (only whole blocks are kept)."""
+    longer = doc + question(trained, " return self.parse(text)" * 3)
+    prompt = longer[: len(doc) + 11]
+    assert len(longer) >= len(doc) + BLOCK
     cold = serve(trained.model, [prompt], params, prefix_cache=False)
-    warm = serve(trained.model, [prompt, prompt], params)
-    assert warm.results[1].token_ids == warm.results[0].token_ids == cold.results[0].token_ids
+    warm = serve(trained.model, [longer, prompt], params)
+    assert warm.results[1].token_ids == cold.results[0].token_ids
     prefill = warm.probe.calls[-NEW]
     assert prefill.past_tokens == (len(prompt) - 1,) and prefill.input_shape == (1, 1)
     assert_within_parity_rule(logits_of_last(warm), logits_of_last(cold))

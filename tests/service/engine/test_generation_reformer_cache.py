@@ -114,8 +114,10 @@ def test_prefix_cache_hits_give_the_eager_greedy_tokens(
     ends mid-block and a prompt that is entirely cached give the eager full recompute's tokens."""
     model, reference = reformer
     doc = reference.token_ids((OTHER_PROMPTS[1] + PROMPT) * 2)
-    prompts = [doc + reference.token_ids(q)[1:] for q in (" return x", " return y")]
-    prompts.append(prompts[1])  # entirely cached
+    # The first one's blocks are whole past where the second diverges (only whole blocks are
+    # kept); the third lies inside them: entirely cached.
+    prompts = [doc + reference.token_ids(q)[1:] for q in (" return x" * 8, " return y")]
+    prompts.append(prompts[0][: len(prompts[1])])
     probe = Probe(model.backend)
 
     async def main() -> list[tuple[list[int], int]]:
@@ -133,6 +135,6 @@ def test_prefix_cache_hits_give_the_eager_greedy_tokens(
     served, pasts = [tokens for tokens, _ in outcome], [past for _, past in outcome]
     common = next(i for i, (a, b) in enumerate(zip(*prompts[:2], strict=False)) if a != b)
     assert pasts == [0, common, len(prompts[2]) - 1]
-    assert common % 16  # the second hit ends inside a block
+    assert common % 16 and len(prompts[0]) >= (common // 16 + 1) * 16  # mid-block, kept whole
     for prompt, tokens in zip(prompts, served, strict=True):
         assert tokens == eager_greedy(reference, prompt, NEW_TOKENS)
