@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,7 @@ from starlette.background import BackgroundTask
 from service.api.deps import ApiKey, AppSettings, Registry
 from service.api.errors import ERROR_RESPONSES
 from service.api.generate_protocol import (
+    ChoiceResult,
     CompletionIdentity,
     CompletionRequest,
     CompletionResponse,
@@ -52,27 +54,32 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _Session:
-    """One generation bound to a lease on its model version. ``close`` is idempotent."""
+    """Generations bound to a lease on their model version. ``close`` is idempotent and
+    cancels every stream that has not finished."""
 
-    def __init__(self, served: ServedModel, stream: GenerationStream) -> None:
+    def __init__(self, served: ServedModel, streams: list[GenerationStream]) -> None:
         self.served = served
-        self.stream = stream
+        self.streams = streams
         self._closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.stream.cancel()  # no-op when the generation already finished
+            for stream in self.streams:
+                stream.cancel()  # no-op when the generation already finished
             self.served.release()
 
-    async def result(self, request: Request) -> GenerationResult | None:
-        """The whole generation, or None if the client disconnected first (then cancelled)."""
-        collecting = asyncio.ensure_future(self.stream.collect())
+    async def results(self, request: Request) -> list[GenerationResult] | None:
+        """Every generation, or None if the client disconnected first (then cancelled)."""
+        collecting: asyncio.Future[list[GenerationResult]] = asyncio.ensure_future(
+            asyncio.gather(*(stream.collect() for stream in self.streams))
+        )
         watching = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+            watched: set[asyncio.Future[Any]] = {collecting, watching}
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if collecting.done():
-                return collecting.result()
+                return list(collecting.result())
             return None
         finally:
             for task in (collecting, watching):
@@ -89,19 +96,40 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _open(
-    registry: ModelRegistry, request: Request, name: str, prompt: str | list[int],
-    params: SamplingParams,
+    registry: ModelRegistry, request: Request, name: str, prompts: Seq[str | list[int]],
+    params: SamplingParams, choices: int = 1,
 ) -> _Session:  # fmt: skip
+    """Queue every prompt (``choices`` each) under one lease; streams prompt-major."""
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
     engine = served.generator()
     served.acquire()
     try:
-        stream = await engine.submit(prompt, params)
+        groups = await engine.submit_many(prompts, params, choices)
     except BaseException:
         served.release()
         raise
-    return _Session(served, stream)
+    return _Session(served, [stream for group in groups for stream in group])
+
+
+async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(stream index, chunk) as chunks arrive on any of ``streams``; the chunks of one step
+    (delivered together) come in stream order."""
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: pending[t]):
+                index = pending.pop(task)
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:  # cancelled: no final chunk
+                    continue
+                yield index, chunk
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 def _sse(data: object) -> bytes:
@@ -109,20 +137,19 @@ def _sse(data: object) -> bytes:
 
 
 def _event_stream(
-    session: _Session, render: Callable[[GenerationChunk], list[dict[str, Any]]]
+    session: _Session, events: Callable[[], AsyncIterator[dict[str, Any]]]
 ) -> StreamingResponse:
-    """Chunks as Server-Sent Events, then ``data: [DONE]``.
+    """``events()`` as Server-Sent Events, then ``data: [DONE]``.
 
     A failure after the response started cannot change the status any more: it is sent as an
     OpenAI-style ``data: {"error": ...}`` event (the openai client raises on it) and the stream
     ends without [DONE].
     """
 
-    async def events() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in session.stream:
-                for payload in render(chunk):
-                    yield _sse(payload)
+            async for payload in events():
+                yield _sse(payload)
             yield b"data: [DONE]\n\n"
         except EngineError as exc:  # e.g. the model was unloaded mid-stream
             yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded"))
@@ -135,7 +162,7 @@ def _event_stream(
 
     # The background task covers a response that never started iterating (client gone first).
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers=SSE_HEADERS,
+        body(), media_type="text/event-stream", headers=SSE_HEADERS,
         background=BackgroundTask(session.close),
     )  # fmt: skip
 
@@ -149,32 +176,93 @@ async def generate(
     body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings
 ) -> Response:
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
-    last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
+    last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``. With ``logprobs``,
+    each token's log-probability (in each event, for its tokens)."""
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params)
+    session = await _open(registry, request, body.model, [body.prompt], params)
+    logprobs = params.logprobs is not None
     if body.stream:
-        return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
-    result = await session.result(request)
-    if result is None:
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for chunk in session.streams[0]:
+                for payload in generate_stream_events(body.model, chunk, logprobs):
+                    yield payload
+
+        return _event_stream(session, events)
+    results = await session.results(request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(generate_response(body.model, result))
+    return JSONResponse(generate_response(body.model, results[0], logprobs))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
 async def completions(
     body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings
 ) -> Response:
-    """OpenAI-compatible text completion (n = 1; no logprobs, echo, suffix or penalties)."""
+    """OpenAI-compatible text completion: one prompt or a batch, n / best_of choices each,
+    logprobs and echo (no suffix or penalties). Choice ``index`` = prompt index x n + rank."""
     refusal = body.unsupported()
     if refusal is not None:
         raise refusal
-    params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params)
-    identity = CompletionIdentity(body.model)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _event_stream(session, lambda chunk: identity.stream_events(chunk, include_usage))
-    result = await session.result(request)
-    if result is None:
+    prompts = body.prompts(settings)
+    n, best_of = body.choices(settings)
+    ranked = best_of > n
+    params = body.to_sampling_params(settings, ranked)
+    session = await _open(registry, request, body.model, prompts, params, best_of)
+    identity = CompletionIdentity(body.model, body.echo, body.logprobs is not None)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    if body.stream and not ranked:
+        return _event_stream(
+            session, lambda: _completion_events(session, identity, n, include_usage)
+        )
+    results = await session.results(request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(identity.response(result))
+    choices = _best(results, n, best_of)
+    prompt_tokens = sum(results[p * best_of].prompt_tokens for p in range(len(prompts)))
+    completion_tokens = sum(c.result.completion_tokens for c in choices)
+    if body.stream:  # best_of > n: the n best are known once all finished; sent whole
+        usage = (prompt_tokens, completion_tokens)
+        return _event_stream(
+            session, lambda: _whole_events(identity, choices, usage, include_usage)
+        )
+    return JSONResponse(identity.response(choices, prompt_tokens, completion_tokens))
+
+
+def _best(results: list[GenerationResult], n: int, best_of: int) -> list[ChoiceResult]:
+    """Per prompt (``best_of`` consecutive results), the ``n`` of highest cumulative logprob
+    (ties: the lower choice), indexed prompt-major. With best_of = n, all, in choice order."""
+    choices: list[ChoiceResult] = []
+    for p in range(len(results) // best_of):
+        group = results[p * best_of : (p + 1) * best_of]
+        order = list(range(best_of))
+        if best_of > n:
+            order.sort(key=lambda c: -(group[c].cumulative_logprob or 0.0))
+        choices.extend(ChoiceResult(p * n + rank, group[c]) for rank, c in enumerate(order[:n]))
+    return choices
+
+
+async def _completion_events(
+    session: _Session, identity: CompletionIdentity, per_prompt: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """Chunks of every choice as they come (one ``index`` per stream), then the usage."""
+    streams = session.streams
+    completion_tokens = 0
+    async for index, chunk in _merged(streams):
+        for payload in identity.stream_events(index, chunk):
+            yield payload
+        if chunk.finish_reason is not None:
+            completion_tokens += chunk.completion_tokens
+    if include_usage:
+        prompt_tokens = sum(s.prompt_tokens for s in streams[::per_prompt])
+        yield identity.usage_event(prompt_tokens, completion_tokens)
+
+
+async def _whole_events(
+    identity: CompletionIdentity, choices: list[ChoiceResult], usage: tuple[int, int],
+    include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    for choice in choices:
+        yield identity.chunk_of(identity.choice(choice.index, choice.result))
+    if include_usage:
+        yield identity.usage_event(*usage)
