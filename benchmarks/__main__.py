@@ -9,8 +9,9 @@ docs/benchmarks.md and plots (``make bench`` runs both).
 Sections run in this order because later ones use earlier results: serving and generation
 serve the CPU default path that the backends section chose (``--path`` overrides it). The
 engine section (continuous batching in process, on the ALiBi demo model) and the step section
-(decode-step roofline and breakdown, benchmarks/decode_step.py) stand alone, as does the
-scoring section (echo + max_tokens 0 on 4K-token texts, benchmarks/scoring.py).
+(decode-step roofline and breakdown, benchmarks/decode_step.py), the prefix section (a long
+shared document, benchmarks/prefix_cache.py) and the scoring section (echo + max_tokens 0 on
+4K-token texts, benchmarks/scoring.py) stand alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks.common import (
     write_json,
 )
 
-SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step", "scoring")
+SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step", "prefix", "scoring")
 
 
 def _path(value: str) -> tuple[str, str]:
@@ -73,6 +74,10 @@ def _run_section(
         from benchmarks import scoring
 
         return scoring.section(quick, threads, work / "scoring", log)
+    if section == "prefix":
+        from benchmarks import prefix_cache
+
+        return prefix_cache.section(quick, threads, work / "prefix", log)
     if section == "step":
         from benchmarks import decode_step
 

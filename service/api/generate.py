@@ -5,7 +5,8 @@ Every limit is checked before a response starts (400/404/422/429 arrive as ordin
 answers, also for ``stream: true``). A request holds a lease on the model version for as long as
 its generation runs, so a reload waits for it. Whichever way the client goes away — a streaming
 connection closed mid-stream, or a non-streaming request abandoned while it waits — the sequence
-is cancelled and the engine frees its cache at the next step boundary.
+is cancelled and the engine frees its cache at the next step boundary. A request with several
+prompts or choices holds one stream per choice (prompt-major), under one lease.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import ApiKey, AppSettings, Registry
-from service.api.errors import ERROR_RESPONSES
+from service.api.deps import ApiKey, AppMetrics, AppSettings, Registry, record_outcome
+from service.api.errors import ERROR_RESPONSES, ApiError, request_id_of
 from service.api.generate_protocol import (
     ChoiceResult,
     CompletionIdentity,
@@ -35,9 +36,16 @@ from service.api.generate_protocol import (
 )
 from service.engine.errors import EngineError
 from service.engine.generation_stream import GenerationStream
-from service.engine.generation_types import GenerationChunk, GenerationResult
+from service.engine.generation_types import (
+    GenerationChunk,
+    GenerationError,
+    GenerationResult,
+    PromptEcho,
+    TokenLogprob,
+)
 from service.engine.registry import ModelRegistry, ServedModel
 from service.engine.sampling import SamplingParams
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +62,27 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _Session:
-    """Generations bound to a lease on their model version. ``close`` is idempotent and
-    cancels every stream that has not finished."""
+    """Generations bound to a lease on their model version, one stream per choice (prompt-major,
+    ``per_prompt`` per prompt). ``close`` is idempotent and cancels what has not finished.
 
-    def __init__(self, served: ServedModel, streams: list[GenerationStream]) -> None:
+    Chunks go through :meth:`chunks`, which keeps ``request.state`` current for the access log
+    (prompt and completion tokens, the time the sequences waited for admission) and the model's
+    health (a forward pass that failed counts against it).
+    """
+
+    def __init__(
+        self, served: ServedModel, streams: list[GenerationStream], per_prompt: int,
+        request: Request, metrics: Metrics,
+    ) -> None:  # fmt: skip
         self.served = served
         self.streams = streams
+        self.request = request
+        self.metrics = metrics
+        self.request_id = request_id_of(request)
         self._closed = False
+        self._completion = [0] * len(streams)
+        request.state.prompt_tokens = sum(s.prompt_tokens for s in streams[::per_prompt])
+        request.state.completion_tokens = 0
 
     def close(self) -> None:
         if not self._closed:
@@ -68,11 +90,48 @@ class _Session:
             for stream in self.streams:
                 stream.cancel()  # no-op when the generation already finished
             self.served.release()
+            waited = [s.queue_seconds for s in self.streams if s.queue_seconds is not None]
+            if waited:
+                self.request.state.queue_seconds = max(waited)
+
+    async def chunks(self, index: int = 0) -> AsyncIterator[GenerationChunk]:
+        """Stream ``index``'s chunks, with the bookkeeping above."""
+        stream = self.streams[index]
+        while True:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except GenerationError as exc:  # the backend failed a forward pass
+                record_outcome(self.metrics, self.served, exc)
+                raise
+            self._completion[index] = chunk.completion_tokens
+            self.request.state.completion_tokens = sum(self._completion)
+            if chunk.finish_reason is not None:
+                record_outcome(self.metrics, self.served, None)
+            yield chunk
+
+    async def collect(self, index: int) -> GenerationResult:
+        pieces: list[str] = []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        prompt: PromptEcho | None = None
+        async for chunk in self.chunks(index):
+            pieces.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            prompt = prompt or chunk.prompt
+            if chunk.finish_reason is not None:
+                return GenerationResult(
+                    "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
+                    chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
+                )  # fmt: skip
+        raise GenerationError("the generation ended without a final chunk")
 
     async def results(self, request: Request) -> list[GenerationResult] | None:
         """Every generation, or None if the client disconnected first (then cancelled)."""
         collecting: asyncio.Future[list[GenerationResult]] = asyncio.ensure_future(
-            asyncio.gather(*(stream.collect() for stream in self.streams))
+            asyncio.gather(*(self.collect(i) for i in range(len(self.streams))))
         )
         watching = asyncio.ensure_future(_disconnected(request))
         try:
@@ -86,6 +145,26 @@ class _Session:
                 task.cancel()
             self.close()
 
+    async def merged(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """(stream index, chunk) as chunks arrive on any stream; the chunks of one step
+        (delivered together) come in stream order."""
+        sources = [self.chunks(i) for i in range(len(self.streams))]
+        pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(sources)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: pending[t]):
+                    index = pending.pop(task)
+                    try:
+                        chunk = task.result()
+                    except StopAsyncIteration:  # cancelled: no final chunk
+                        continue
+                    yield index, chunk
+                    pending[asyncio.ensure_future(anext(sources[index]))] = index
+        finally:
+            for task in pending:
+                task.cancel()
+
 
 async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body is already read, so nothing else arrives)."""
@@ -97,9 +176,9 @@ async def _disconnected(request: Request) -> None:
 
 async def _open(
     registry: ModelRegistry, request: Request, name: str, prompts: Seq[str | list[int]],
-    params: SamplingParams, choices: int = 1,
+    params: SamplingParams, metrics: Metrics, choices: int = 1,
 ) -> _Session:  # fmt: skip
-    """Queue every prompt (``choices`` each) under one lease; streams prompt-major."""
+    """Queue every prompt (``choices`` each) under one lease."""
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
     engine = served.generator()
@@ -109,27 +188,8 @@ async def _open(
     except BaseException:
         served.release()
         raise
-    return _Session(served, [stream for group in groups for stream in group])
-
-
-async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """(stream index, chunk) as chunks arrive on any of ``streams``; the chunks of one step
-    (delivered together) come in stream order."""
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=lambda t: pending[t]):
-                index = pending.pop(task)
-                try:
-                    chunk = task.result()
-                except StopAsyncIteration:  # cancelled: no final chunk
-                    continue
-                yield index, chunk
-                pending[asyncio.ensure_future(anext(streams[index]))] = index
-    finally:
-        for task in pending:
-            task.cancel()
+    streams = [stream for group in groups for stream in group]
+    return _Session(served, streams, choices, request, metrics)
 
 
 def _sse(data: object) -> bytes:
@@ -152,10 +212,12 @@ def _event_stream(
                 yield _sse(payload)
             yield b"data: [DONE]\n\n"
         except EngineError as exc:  # e.g. the model was unloaded mid-stream
-            yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded"))
+            yield _sse(_error_payload(exc.message, "service_unavailable", "model_unloaded",
+                                      session.request_id))  # fmt: skip
         except Exception:
             log.exception("generation failed mid-stream")
-            yield _sse(_error_payload("generation failed", "server_error", "internal_error"))
+            yield _sse(_error_payload("generation failed", "server_error", "internal_error",
+                                      session.request_id))  # fmt: skip
         finally:
             # Also runs when Starlette cancels this generator because the client disconnected.
             session.close()
@@ -167,24 +229,26 @@ def _event_stream(
     )  # fmt: skip
 
 
-def _error_payload(message: str, type_: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _error_payload(message: str, type_: str, code: str, request_id: str | None) -> dict[str, Any]:
+    error = ApiError(500, message, type=type_, code=code)
+    return {"error": error.detail(request_id)}
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=RESPONSES)
 async def generate(
-    body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings
-) -> Response:
+    body: GenerateRequest, request: Request, registry: Registry, settings: AppSettings,
+    metrics: AppMetrics,
+) -> Response:  # fmt: skip
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
     last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``. With ``logprobs``,
     each token's log-probability (in each event, for its tokens)."""
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, [body.prompt], params)
+    session = await _open(registry, request, body.model, [body.prompt], params, metrics)
     logprobs = params.logprobs is not None
     if body.stream:
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            async for chunk in session.streams[0]:
+            async for chunk in session.chunks():
                 for payload in generate_stream_events(body.model, chunk, logprobs):
                     yield payload
 
@@ -197,8 +261,9 @@ async def generate(
 
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
 async def completions(
-    body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings
-) -> Response:
+    body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings,
+    metrics: AppMetrics,
+) -> Response:  # fmt: skip
     """OpenAI-compatible text completion: one prompt or a batch, n / best_of choices each,
     logprobs and echo (no suffix or penalties). Choice ``index`` = prompt index x n + rank."""
     refusal = body.unsupported()
@@ -208,7 +273,7 @@ async def completions(
     n, best_of = body.choices(settings)
     ranked = best_of > n
     params = body.to_sampling_params(settings, ranked)
-    session = await _open(registry, request, body.model, prompts, params, best_of)
+    session = await _open(registry, request, body.model, prompts, params, metrics, best_of)
     identity = CompletionIdentity(body.model, body.echo, body.logprobs is not None)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     if body.stream and not ranked:
@@ -248,7 +313,7 @@ async def _completion_events(
     """Chunks of every choice as they come (one ``index`` per stream), then the usage."""
     streams = session.streams
     completion_tokens = 0
-    async for index, chunk in _merged(streams):
+    async for index, chunk in session.merged():
         for payload in identity.stream_events(index, chunk):
             yield payload
         if chunk.finish_reason is not None:

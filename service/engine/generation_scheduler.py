@@ -222,6 +222,7 @@ class Scheduler:
                 self.metrics.count_input_tokens(self.name, len(head.prompt))
             for seq in head.group:
                 seq.admitted = now
+                seq.stream.queue_seconds = now - seq.arrival
                 if seq.record_metrics:
                     self.metrics.observe_queue(self.name, now - seq.arrival)
                 self._active[seq.id] = seq
@@ -381,9 +382,10 @@ class Scheduler:
     def _publish(self) -> None:
         """Worker: recompute the snapshot and the gauges from the worker-owned state."""
         kv, decoding = self.stepper.cache_bytes, self.stepper.decoding
+        prefix = self.stepper.prefix_cache_bytes
         with self._lock:
             waiting = self._waiting_count_locked()
-            self._stats = GenerationStats(len(self._active), waiting, kv, decoding)
+            self._stats = GenerationStats(len(self._active), waiting, kv, decoding, prefix)
             self._report_locked()
 
     def _publish_waiting_locked(self) -> None:

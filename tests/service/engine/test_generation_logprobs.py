@@ -202,3 +202,25 @@ def test_cancelling_one_choice_leaves_the_others_running(ali: LoadedModel) -> No
 
     results = run(main())
     assert [r.completion_tokens for r in results] == [5, 5]
+
+
+def test_a_scored_prompt_is_prefilled_in_full_even_when_its_prefix_is_cached(
+    ali: LoadedModel,
+) -> None:
+    vocab = int(ali.manifest.config["vocab_size"])
+    ids = random_ids(300, vocab, seed=3)
+    probe = Probe(ali.backend)
+
+    async def main() -> tuple[GenerationResult, GenerationResult, int]:
+        async with running(with_backend(ali, probe), prefill_chunk_tokens=CHUNK) as engine:
+            await collect(engine, ids, max_new_tokens=1, temperature=0)  # caches the prompt
+            before = len(probe.calls)
+            first = await collect(engine, ids, max_new_tokens=0, prompt_logprobs=0)
+            second = await collect(engine, ids, max_new_tokens=0, prompt_logprobs=0)
+            prefilled = sum(call.input_shape[1] for call in probe.calls[before:])
+            return first, second, prefilled
+
+    first, second, prefilled = run(main())
+    assert prefilled == 2 * len(ids)  # every position of both went through the model
+    assert first.prompt is not None and second.prompt is not None
+    assert first.prompt.logprobs == second.prompt.logprobs
