@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import sys
 import time
@@ -182,19 +183,32 @@ def sample(metrics: Metrics, name: str, model: str) -> float:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    f = results["follow_ups"]
+    if "follow_ups" in results:
+        _print_follow_ups(results["follow_ups"])
+    if "shared" in results:
+        _print_shared(results["shared"])
+    if "overhead" in results:
+        _print_overhead(results["overhead"])
+
+
+def _print_follow_ups(f: dict[str, Any]) -> None:
     print(f"\nfollow-ups on a {f['document_tokens']}-token document (TTFT ms)")
     print(f"  first {f['first_ttft_s'] * 1e3:9.1f}")
     for i, s in enumerate(f["follow_up_ttft_s"], 1):
         print(f"  {i:5} {s * 1e3:9.1f}   {f['first_ttft_s'] / s:6.1f}x lower")
     print(f"  cache off, a follow-up: {f['follow_up_cache_off_ttft_s'] * 1e3:.1f}")
+
+
+def _print_shared(rows: list[dict[str, Any]]) -> None:
     print("\nshared document, requests at once     tokens/s   wall s   hit tokens")
-    for row in results["shared"]:
+    for row in rows:
         print(
             f"  {row['run']:<32} {row['tokens_per_s']:9.1f} {row['wall_s']:8.2f}   "
             f"{row['hit_tokens']:.0f}"
         )
-    o = results["overhead"]
+
+
+def _print_overhead(o: dict[str, Any]) -> None:
     print(
         f"\nnothing shared ({o['streams']} streams of {o['prompt_tokens']} random tokens): "
         f"tokens/s on/off {', '.join(f'{r:.3f}' for r in o['ratio_on_off'])}, "
@@ -267,6 +281,8 @@ def section(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
+    if getattr(args, "document", None):
+        plan = dataclasses.replace(plan, document=args.document)
     settings = Settings(store=args.store, intra_op_threads=args.threads, warmup=True)
     model = load_model(ModelRepository(args.store), args.model, args.version, settings)
     if model.manifest.signature.generation_mode != "kv_cache":
@@ -301,8 +317,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ("shared", bench.shared),
         ("overhead", bench.overhead),
     ]
+    wanted = getattr(args, "parts", None) or [name for name, _ in parts]
     for name, measure in tqdm(parts, desc="prefix-cache benchmark", unit="part"):
-        results[name] = await measure(plan)
+        if name in wanted:
+            results[name] = await measure(plan)
     model.close()
     return results
 
@@ -318,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--context-limit", type=int, default=None,
         help="ALiBi only: serve up to this many tokens (default: what the plan needs)",
+    )  # fmt: skip
+    parser.add_argument("--document", type=int, default=None, help="document tokens (16384)")
+    parser.add_argument(
+        "--parts", type=lambda v: v.split(","), default=None,
+        help="comma-separated subset of follow_ups,shared,overhead",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "prefix_cache.json")
     args = parser.parse_args(argv)
