@@ -10,8 +10,9 @@ Sections run in this order because later ones use earlier results: serving and g
 serve the CPU default path that the backends section chose (``--path`` overrides it). The
 engine section (continuous batching in process, on the ALiBi demo model) and the step section
 (decode-step roofline and breakdown, benchmarks/decode_step.py), the prefix section (a long
-shared document, benchmarks/prefix_cache.py) and the overload section (each engine past its
-queue limit on a real server, benchmarks/overload.py) stand alone.
+shared document, benchmarks/prefix_cache.py), the overload section (each engine past its
+queue limit on a real server, benchmarks/overload.py) and the scoring section (echo +
+max_tokens 0 on 4K-token texts, benchmarks/scoring.py) stand alone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SECTIONS = (
     "step",
     "prefix",
     "overload",
+    "scoring",
 )
 
 
@@ -79,6 +81,10 @@ def _run_section(
         from benchmarks import generation
 
         return generation.section(quick, threads, work / "engine", log)
+    if section == "scoring":
+        from benchmarks import scoring
+
+        return scoring.section(quick, threads, work / "scoring", log)
     if section == "prefix":
         from benchmarks import prefix_cache
 

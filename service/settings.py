@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     max_waiting_sequences: int = Field(
         default=256, ge=1, description="generation queue limit; beyond it 429"
     )
+    # /v1/completions: batched prompts, n / best_of, logprobs (published in /openapi.json).
+    max_completion_prompts: int = Field(
+        default=32, ge=1, description="most prompts in one /v1/completions request; beyond it 422"
+    )
+    max_completion_choices: int = Field(
+        default=16, ge=1, description="largest n and best_of of a /v1/completions request"
+    )
+    max_logprobs: int = Field(
+        default=20,
+        ge=0,
+        description="largest logprobs (top alternatives per token) a request may ask for",
+    )
     # Automatic prefix caching (service/engine/prefix_cache.py; README, "Prefix caching").
     prefix_cache: bool = Field(
         default=True,

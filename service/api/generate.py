@@ -5,7 +5,8 @@ Every limit is checked before a response starts (400/404/422/429 arrive as ordin
 answers, also for ``stream: true``). A request holds a lease on the model version for as long as
 its generation runs, so a reload waits for it. Whichever way the client goes away — a streaming
 connection closed mid-stream, or a non-streaming request abandoned while it waits — the sequence
-is cancelled and the engine frees its cache at the next step boundary.
+is cancelled and the engine frees its cache at the next step boundary. A request with several
+prompts or choices holds one stream per choice (prompt-major), under one lease.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,6 +26,7 @@ from service.api.deadlines import Deadline, RequestDeadline
 from service.api.deps import ApiKey, AppMetrics, AppSettings, Registry, record_outcome
 from service.api.errors import ERROR_RESPONSES, ApiError, request_id_of
 from service.api.generate_protocol import (
+    ChoiceResult,
     CompletionIdentity,
     CompletionRequest,
     CompletionResponse,
@@ -34,7 +37,13 @@ from service.api.generate_protocol import (
 )
 from service.engine.errors import EngineError
 from service.engine.generation_stream import GenerationStream
-from service.engine.generation_types import GenerationChunk, GenerationError, GenerationResult
+from service.engine.generation_types import (
+    GenerationChunk,
+    GenerationError,
+    GenerationResult,
+    PromptEcho,
+    TokenLogprob,
+)
 from service.engine.registry import ModelRegistry, ServedModel
 from service.engine.sampling import SamplingParams
 from service.metrics import Metrics
@@ -54,42 +63,47 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _Session:
-    """One generation bound to a lease on its model version. ``close`` is idempotent.
+    """Generations bound to a lease on their model version, one stream per choice (prompt-major,
+    ``per_prompt`` per prompt). ``close`` is idempotent and cancels what has not finished.
 
-    Its chunks go through :meth:`chunks`, which keeps ``request.state`` current for the access
-    log (prompt and completion tokens, the time the sequence waited for admission) and the
-    model's health (a forward pass that failed counts against it), and enforces the request's
-    deadline (deadlines.py): past it the generation is cancelled and a 504 raised.
+    Chunks go through :meth:`chunks`, which keeps ``request.state`` current for the access log
+    (prompt and completion tokens, the time the sequences waited for admission) and the model's
+    health (a forward pass that failed counts against it), and enforces the request's deadline
+    (deadlines.py): past it every generation of the request is cancelled and a 504 raised.
     """
 
     def __init__(
-        self, served: ServedModel, stream: GenerationStream, request: Request, metrics: Metrics,
-        deadline: Deadline,
+        self, served: ServedModel, streams: list[GenerationStream], per_prompt: int,
+        request: Request, metrics: Metrics, deadline: Deadline,
     ) -> None:  # fmt: skip
         self.served = served
-        self.stream = stream
+        self.streams = streams
         self.request = request
         self.metrics = metrics
         self.deadline = deadline
         self.request_id = request_id_of(request)
         self._closed = False
-        request.state.prompt_tokens = stream.prompt_tokens
+        self._completion = [0] * len(streams)
+        request.state.prompt_tokens = sum(s.prompt_tokens for s in streams[::per_prompt])
         request.state.completion_tokens = 0
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.stream.cancel()  # no-op when the generation already finished
+            for stream in self.streams:
+                stream.cancel()  # no-op when the generation already finished
             self.served.release()
-            if self.stream.queue_seconds is not None:
-                self.request.state.queue_seconds = self.stream.queue_seconds
+            waited = [s.queue_seconds for s in self.streams if s.queue_seconds is not None]
+            if waited:
+                self.request.state.queue_seconds = max(waited)
 
-    async def chunks(self) -> AsyncIterator[GenerationChunk]:
-        """The stream's chunks, with the bookkeeping above."""
+    async def chunks(self, index: int = 0) -> AsyncIterator[GenerationChunk]:
+        """Stream ``index``'s chunks, with the bookkeeping above."""
+        stream = self.streams[index]
         while True:
             try:
                 async with self.deadline.timeout():
-                    chunk = await anext(self.stream)
+                    chunk = await anext(stream)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -97,46 +111,74 @@ class _Session:
             except GenerationError as exc:  # the backend failed a forward pass
                 record_outcome(self.metrics, self.served, exc)
                 raise
-            self.request.state.completion_tokens = chunk.completion_tokens
+            self._completion[index] = chunk.completion_tokens
+            self.request.state.completion_tokens = sum(self._completion)
             if chunk.finish_reason is not None:
                 record_outcome(self.metrics, self.served, None)
             yield chunk
 
     def timed_out(self) -> ApiError:
-        """Cancel the generation (the engine frees it within a step) and build the 504."""
-        if self.stream.queue_seconds is None:
+        """Cancel the generations (the engine frees them within a step) and build the 504."""
+        if all(stream.queue_seconds is None for stream in self.streams):
             stage = "queued"
         else:
             stage = "decode" if self.request.state.completion_tokens else "prefill"
         self.close()
         return self.deadline.exceeded(self.metrics, self.served.name, stage)
 
-    async def collect(self) -> GenerationResult:
+    async def collect(self, index: int) -> GenerationResult:
         pieces: list[str] = []
         tokens: list[int] = []
-        async for chunk in self.chunks():
+        logprobs: list[TokenLogprob] = []
+        prompt: PromptEcho | None = None
+        async for chunk in self.chunks(index):
             pieces.append(chunk.text)
             tokens.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            prompt = prompt or chunk.prompt
             if chunk.finish_reason is not None:
                 return GenerationResult(
                     "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
-                    chunk.completion_tokens,
+                    chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
                 )  # fmt: skip
         raise GenerationError("the generation ended without a final chunk")
 
-    async def result(self, request: Request) -> GenerationResult | None:
-        """The whole generation, or None if the client disconnected first (then cancelled)."""
-        collecting = asyncio.ensure_future(self.collect())
+    async def results(self, request: Request) -> list[GenerationResult] | None:
+        """Every generation, or None if the client disconnected first (then cancelled)."""
+        collecting: asyncio.Future[list[GenerationResult]] = asyncio.ensure_future(
+            asyncio.gather(*(self.collect(i) for i in range(len(self.streams))))
+        )
         watching = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+            watched: set[asyncio.Future[Any]] = {collecting, watching}
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if collecting.done():
-                return collecting.result()
+                return list(collecting.result())
             return None
         finally:
             for task in (collecting, watching):
                 task.cancel()
             self.close()
+
+    async def merged(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """(stream index, chunk) as chunks arrive on any stream; the chunks of one step
+        (delivered together) come in stream order."""
+        sources = [self.chunks(i) for i in range(len(self.streams))]
+        pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(sources)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: pending[t]):
+                    index = pending.pop(task)
+                    try:
+                        chunk = task.result()
+                    except StopAsyncIteration:  # cancelled: no final chunk
+                        continue
+                    yield index, chunk
+                    pending[asyncio.ensure_future(anext(sources[index]))] = index
+        finally:
+            for task in pending:
+                task.cancel()
 
 
 async def _disconnected(request: Request) -> None:
@@ -148,24 +190,27 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _open(
-    registry: ModelRegistry, request: Request, name: str, prompt: str | list[int],
-    params: SamplingParams, metrics: Metrics, deadline: Deadline,
+    registry: ModelRegistry, request: Request, name: str, prompts: Seq[str | list[int]],
+    params: SamplingParams, metrics: Metrics, deadline: Deadline, choices: int = 1,
 ) -> _Session:  # fmt: skip
+    """Queue every prompt (``choices`` each) under one lease."""
     request.state.model = name  # the metrics middleware labels requests_total with it
     served = registry.get(name)
     engine = served.generator()
     served.acquire()
     try:
-        # Tokenizing happens before the sequence is queued: a timeout here leaves nothing behind.
+        # Tokenizing happens before the sequences are queued: a timeout here leaves nothing
+        # behind.
         async with deadline.timeout():
-            stream = await engine.submit(prompt, params)
+            groups = await engine.submit_many(prompts, params, choices)
     except TimeoutError:
         served.release()
         raise deadline.exceeded(metrics, name, "queued") from None
     except BaseException:
         served.release()
         raise
-    return _Session(served, stream, request, metrics, deadline)
+    streams = [stream for group in groups for stream in group]
+    return _Session(served, streams, choices, request, metrics, deadline)
 
 
 def _sse(data: object) -> bytes:
@@ -173,20 +218,19 @@ def _sse(data: object) -> bytes:
 
 
 def _event_stream(
-    session: _Session, render: Callable[[GenerationChunk], list[dict[str, Any]]]
+    session: _Session, events: Callable[[], AsyncIterator[dict[str, Any]]]
 ) -> StreamingResponse:
-    """Chunks as Server-Sent Events, then ``data: [DONE]``.
+    """``events()`` as Server-Sent Events, then ``data: [DONE]``.
 
     A failure after the response started cannot change the status any more: it is sent as an
     OpenAI-style ``data: {"error": ...}`` event (the openai client raises on it) and the stream
     ends without [DONE].
     """
 
-    async def events() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in session.chunks():
-                for payload in render(chunk):
-                    yield _sse(payload)
+            async for payload in events():
+                yield _sse(payload)
             yield b"data: [DONE]\n\n"
         except ApiError as exc:  # the deadline passed: the generation is already cancelled
             yield _sse({"error": exc.detail(session.request_id)})
@@ -203,7 +247,7 @@ def _event_stream(
 
     # The background task covers a response that never started iterating (client gone first).
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers=SSE_HEADERS,
+        body(), media_type="text/event-stream", headers=SSE_HEADERS,
         background=BackgroundTask(session.close),
     )  # fmt: skip
 
@@ -219,15 +263,23 @@ async def generate(
     metrics: AppMetrics, deadline: RequestDeadline,
 ) -> Response:  # fmt: skip
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
-    last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
+    last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``. With ``logprobs``,
+    each token's log-probability (in each event, for its tokens)."""
     params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params, metrics, deadline)
+    session = await _open(registry, request, body.model, [body.prompt], params, metrics, deadline)
+    logprobs = params.logprobs is not None
     if body.stream:
-        return _event_stream(session, lambda chunk: generate_stream_events(body.model, chunk))
-    result = await session.result(request)
-    if result is None:
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for chunk in session.chunks():
+                for payload in generate_stream_events(body.model, chunk, logprobs):
+                    yield payload
+
+        return _event_stream(session, events)
+    results = await session.results(request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(generate_response(body.model, result))
+    return JSONResponse(generate_response(body.model, results[0], logprobs))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)
@@ -235,17 +287,72 @@ async def completions(
     body: CompletionRequest, request: Request, registry: Registry, settings: AppSettings,
     metrics: AppMetrics, deadline: RequestDeadline,
 ) -> Response:  # fmt: skip
-    """OpenAI-compatible text completion (n = 1; no logprobs, echo, suffix or penalties)."""
+    """OpenAI-compatible text completion: one prompt or a batch, n / best_of choices each,
+    logprobs and echo (no suffix or penalties). Choice ``index`` = prompt index x n + rank."""
     refusal = body.unsupported()
     if refusal is not None:
         raise refusal
-    params = body.to_sampling_params(settings)
-    session = await _open(registry, request, body.model, body.prompt, params, metrics, deadline)
-    identity = CompletionIdentity(body.model)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _event_stream(session, lambda chunk: identity.stream_events(chunk, include_usage))
-    result = await session.result(request)
-    if result is None:
+    prompts = body.prompts(settings)
+    n, best_of = body.choices(settings)
+    ranked = best_of > n
+    params = body.to_sampling_params(settings, ranked)
+    session = await _open(
+        registry, request, body.model, prompts, params, metrics, deadline, best_of
+    )
+    identity = CompletionIdentity(body.model, body.echo, body.logprobs is not None)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    if body.stream and not ranked:
+        return _event_stream(
+            session, lambda: _completion_events(session, identity, n, include_usage)
+        )
+    results = await session.results(request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(identity.response(result))
+    choices = _best(results, n, best_of)
+    prompt_tokens = sum(results[p * best_of].prompt_tokens for p in range(len(prompts)))
+    completion_tokens = sum(c.result.completion_tokens for c in choices)
+    if body.stream:  # best_of > n: the n best are known once all finished; sent whole
+        usage = (prompt_tokens, completion_tokens)
+        return _event_stream(
+            session, lambda: _whole_events(identity, choices, usage, include_usage)
+        )
+    return JSONResponse(identity.response(choices, prompt_tokens, completion_tokens))
+
+
+def _best(results: list[GenerationResult], n: int, best_of: int) -> list[ChoiceResult]:
+    """Per prompt (``best_of`` consecutive results), the ``n`` of highest cumulative logprob
+    (ties: the lower choice), indexed prompt-major. With best_of = n, all, in choice order."""
+    choices: list[ChoiceResult] = []
+    for p in range(len(results) // best_of):
+        group = results[p * best_of : (p + 1) * best_of]
+        order = list(range(best_of))
+        if best_of > n:
+            order.sort(key=lambda c: -(group[c].cumulative_logprob or 0.0))
+        choices.extend(ChoiceResult(p * n + rank, group[c]) for rank, c in enumerate(order[:n]))
+    return choices
+
+
+async def _completion_events(
+    session: _Session, identity: CompletionIdentity, per_prompt: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """Chunks of every choice as they come (one ``index`` per stream), then the usage."""
+    streams = session.streams
+    completion_tokens = 0
+    async for index, chunk in session.merged():
+        for payload in identity.stream_events(index, chunk):
+            yield payload
+        if chunk.finish_reason is not None:
+            completion_tokens += chunk.completion_tokens
+    if include_usage:
+        prompt_tokens = sum(s.prompt_tokens for s in streams[::per_prompt])
+        yield identity.usage_event(prompt_tokens, completion_tokens)
+
+
+async def _whole_events(
+    identity: CompletionIdentity, choices: list[ChoiceResult], usage: tuple[int, int],
+    include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    for choice in choices:
+        yield identity.chunk_of(identity.choice(choice.index, choice.result))
+    if include_usage:
+        yield identity.usage_event(*usage)

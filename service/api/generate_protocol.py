@@ -3,16 +3,25 @@ conversion from each to engine parameters (:class:`SamplingParams`).
 
 The published schema is what validation accepts (service/api/schema_types.py): schema
 violations (token counts below 1, ``top_p`` outside (0, 1], ``temperature`` outside [0, 100], a
-non-finite number) are 422s raised by pydantic. The deployment limit on new tokens
-(``max_new_tokens_limit``) is checked by :func:`limit_new_tokens` and written into the
-schema by service/api/openapi.py. OpenAI parameters Longhaul does not implement are published
-with their neutral value only and refused by name by :meth:`CompletionRequest.unsupported`.
+non-finite number) are 422s raised by pydantic. The deployment limits (new tokens, prompts per
+request, n / best_of, logprobs) are settings, checked here (422 ``validation_error``) and
+written into the schema by service/api/openapi.py. OpenAI parameters Longhaul does not implement
+are published with their neutral value only and refused by name by
+:meth:`CompletionRequest.unsupported`.
+
+Logprobs are the model's raw distribution (service/engine/logprobs.py); OpenAI's shape is
+``{tokens, token_logprobs, top_logprobs, text_offset}``, where ``top_logprobs[i]`` holds the k
+most probable tokens at position i and the token itself when it is not among them (so
+``logprobs: 0`` gives each token's own), and the first token of an echoed prompt has ``null``
+(nothing precedes it).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
@@ -22,6 +31,7 @@ from service.api.errors import ApiError
 from service.api.schema_types import (
     INTEGRAL,
     FiniteFloat,
+    MaxTokens,
     PositiveInt,
     Seed,
     Temperature,
@@ -30,6 +40,7 @@ from service.api.schema_types import (
     TopP,
 )
 from service.engine.generation import FinishReason, GenerationChunk, GenerationResult
+from service.engine.generation_types import PromptEcho, TokenLogprob
 from service.engine.sampling import SamplingParams
 from service.settings import Settings
 
@@ -60,6 +71,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _over_limit(param: str, value: int, limit: int, setting: str) -> ApiError:
+    return ApiError(
+        422, f"{param}: must be <= {limit} ({setting}), got {value}",
+        code="validation_error", param=param,
+    )  # fmt: skip
+
+
+#: How many alternatives per token a request may ask for: a deployment setting, in the schema.
+Logprobs = Annotated[
+    int, Field(ge=0, description="log-probability of each token and of the k most likely"), INTEGRAL
+]
+
+
+def limit_logprobs(value: int | None, settings: Settings) -> int | None:
+    if value is not None and value > settings.max_logprobs:
+        raise _over_limit("logprobs", value, settings.max_logprobs, "LONGHAUL_MAX_LOGPROBS")
+    return value
+
+
 def limit_new_tokens(value: int, explicit: bool, settings: Settings, param: str) -> int:
     """The new-token count to use: 422 above ``settings.max_new_tokens_limit`` (a deployment
     limit, published in the schema by service/api/openapi.py) when the client asked for it;
@@ -88,6 +118,11 @@ class GenerateRequest(_Strict):
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list, description="end before any of these strings")
     stream: bool = Field(False, description="Server-Sent Events, one per token chunk, then [DONE]")
+    logprobs: Logprobs | None = Field(
+        None,
+        description="each generated token's log-probability and the k most likely tokens at "
+        "its position (raw model distribution); null = none",
+    )
 
     def to_sampling_params(self, settings: Settings) -> SamplingParams:
         explicit = "max_new_tokens" in self.model_fields_set
@@ -100,6 +135,7 @@ class GenerateRequest(_Strict):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(self.stop),
+            logprobs=limit_logprobs(self.logprobs, settings),
         )
 
 
@@ -108,11 +144,29 @@ class GenerateUsage(BaseModel):
     completion_tokens: int
 
 
+class TopTokenOut(BaseModel):
+    id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprobOut(BaseModel):
+    """One generated token: its id, its own text, its log-probability, where its text starts in
+    ``text`` and the k most likely tokens at its position."""
+
+    id: int
+    token: str
+    logprob: float
+    offset: int
+    top: list[TopTokenOut]
+
+
 class GenerateResponse(BaseModel):
     model: str
     text: str
     finish_reason: FinishReason
     usage: GenerateUsage
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="with logprobs set")
 
 
 class GenerateStreamChunk(BaseModel):
@@ -122,28 +176,49 @@ class GenerateStreamChunk(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     usage: GenerateUsage | None = None
+    logprobs: list[TokenLogprobOut] | None = None  # this event's tokens, with logprobs set
 
 
-def generate_response(model: str, result: GenerationResult) -> dict[str, Any]:
+def _native_logprobs(items: Seq[TokenLogprob]) -> list[TokenLogprobOut]:
+    return [
+        TokenLogprobOut(
+            id=lp.token_id, token=lp.token, logprob=lp.logprob or 0.0, offset=lp.offset,
+            top=[TopTokenOut(id=t.token_id, token=t.token, logprob=t.logprob) for t in lp.top],
+        )
+        for lp in items
+    ]  # fmt: skip
+
+
+def generate_response(model: str, result: GenerationResult, logprobs: bool) -> dict[str, Any]:
     usage = GenerateUsage(
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
     )
     return GenerateResponse(
-        model=model, text=result.text, finish_reason=result.finish_reason, usage=usage
-    ).model_dump()
+        model=model, text=result.text, finish_reason=result.finish_reason, usage=usage,
+        logprobs=_native_logprobs(result.logprobs) if logprobs else None,
+    ).model_dump(exclude=None if logprobs else {"logprobs"})  # fmt: skip
 
 
-def generate_stream_events(model: str, chunk: GenerationChunk) -> list[dict[str, Any]]:
-    """The SSE payloads for one engine chunk: none while text is held back, unless final."""
+def generate_stream_events(
+    model: str, chunk: GenerationChunk, logprobs: bool
+) -> list[dict[str, Any]]:
+    """The SSE payloads for one engine chunk: none while text is held back (and, with
+    logprobs, no token came), unless final."""
+    scores = _native_logprobs(chunk.logprobs) if logprobs else None
+    exclude = None if logprobs else {"logprobs"}
     if chunk.finish_reason is None:
-        return [{"model": model, "text": chunk.text}] if chunk.text else []
+        if not chunk.text and not scores:
+            return []
+        event = GenerateStreamChunk(model=model, text=chunk.text, logprobs=scores)
+        return [event.model_dump(exclude={"finish_reason", "usage", *(exclude or ())})]
     usage = GenerateUsage(
         prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
     )
     final = GenerateStreamChunk(
-        model=model, text=chunk.text, finish_reason=chunk.finish_reason, usage=usage
-    )
-    return [final.model_dump()]
+        model=model, text=chunk.text, finish_reason=chunk.finish_reason, usage=usage,
+        logprobs=scores,
+    )  # fmt: skip
+    return [final.model_dump(exclude=exclude)]
 
 
 # ------------------------------------------------------------------- OpenAI /v1/completions
@@ -153,29 +228,60 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+#: OpenAI's four shapes of ``prompt``. The list lengths' upper bound is a setting
+#: (``max_completion_prompts``), checked by :meth:`CompletionRequest.prompts` and published.
+CompletionPrompt = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
 class CompletionRequest(_Strict):
     """OpenAI's completions request. Every field the official client can send is declared, so an
     unsupported one is refused by name (400) instead of being silently ignored."""
 
     model: ModelName
-    prompt: str | list[TokenId] = Field(description="text, or token ids")
-    max_tokens: PositiveInt = DEFAULT_MAX_TOKENS
+    prompt: CompletionPrompt = Field(
+        description="a text, a list of texts, token ids, or a list of token-id lists: one "
+        "completion per prompt (x n), choices in prompt order"
+    )
+    max_tokens: MaxTokens = Field(
+        DEFAULT_MAX_TOKENS, description="0 with echo: score the prompt, generate nothing"
+    )
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK | None = Field(None, description="vLLM-style extension; not in OpenAI's API")
-    n: Annotated[int, INTEGRAL, _refused({"type": "integer", "const": 1}, "1")] = 1
+    n: Annotated[int, Field(ge=1, description="completions per prompt"), INTEGRAL] = 1
+    best_of: (
+        Annotated[
+            int,
+            Field(
+                ge=1,
+                description="generate best_of per prompt and return the n with the highest "
+                "cumulative logprob; must be >= n (else 400 invalid_input)",
+            ),
+            INTEGRAL,
+        ]
+        | None
+    ) = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | StopList | None = None
-    seed: Seed | None = None
+    seed: Seed | None = Field(
+        None,
+        description="same seed + same request = same choices: choice i of each prompt draws "
+        "from numpy SeedSequence(seed, spawn_key=(i,)) (choice 0 from seed itself)",
+    )
+    logprobs: Logprobs | None = Field(
+        None,
+        description="log-probability of each token (raw model distribution) and of the k most "
+        "likely at its position; null = none",
+    )
+    echo: bool = Field(False, description="prepend the prompt to each choice (and its logprobs)")
     # Accepted for compatibility, refused unless left at their neutral value (see unsupported()).
-    logprobs: Annotated[int | None, INTEGRAL, _refused({"type": "null"}, "null")] = None
-    echo: Annotated[bool, _refused({"type": "boolean", "const": False}, "false")] = False
-    best_of: Annotated[
-        int | None,
-        INTEGRAL,
-        _refused({"anyOf": [{"type": "integer", "const": 1}, {"type": "null"}]}, "1 or null"),
-    ] = None
     suffix: Annotated[str | None, _refused({"type": "null"}, "null")] = None
     presence_penalty: Annotated[FiniteFloat, _refused({"type": "number", "const": 0}, "0")] = 0.0
     frequency_penalty: Annotated[FiniteFloat, _refused({"type": "number", "const": 0}, "0")] = 0.0
@@ -190,14 +296,6 @@ class CompletionRequest(_Strict):
     def unsupported(self) -> ApiError | None:
         """A 400 naming the first parameter set to something Longhaul cannot do, if any."""
         refusals: list[tuple[bool, str, str]] = [
-            (self.n != 1, "n", f"n={self.n}: only n=1 is supported; send separate requests"),
-            (
-                self.best_of not in (None, 1),
-                "best_of",
-                f"best_of={self.best_of}: only best_of=1 is supported",
-            ),
-            (self.logprobs is not None, "logprobs", "logprobs are not supported"),
-            (self.echo, "echo", "echo is not supported"),
             (self.suffix is not None, "suffix", "suffix (insertion) is not supported"),
             (bool(self.presence_penalty), "presence_penalty", "presence_penalty is not supported"),
             (
@@ -212,13 +310,46 @@ class CompletionRequest(_Strict):
                 return ApiError(400, message, code="unsupported_parameter", param=param)
         return None
 
+    def prompts(self, settings: Settings) -> list[str] | list[list[int]]:
+        """The prompts, one per choice group, in order; 422 beyond the batch limit."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        ids = [item for item in value if isinstance(item, int)]
+        if ids:
+            return [ids]  # one token-id list
+        texts = [item for item in value if isinstance(item, str)]
+        lists = [item for item in value if isinstance(item, list)]
+        if len(value) > settings.max_completion_prompts:
+            raise _over_limit(
+                "prompt", len(value), settings.max_completion_prompts,
+                "LONGHAUL_MAX_COMPLETION_PROMPTS; prompts per request",
+            )  # fmt: skip
+        return texts or lists
+
+    def choices(self, settings: Settings) -> tuple[int, int]:
+        """(n, best_of): returned and generated per prompt."""
+        limit = settings.max_completion_choices
+        best_of = self.n if self.best_of is None else self.best_of
+        for param, value in (("n", self.n), ("best_of", best_of)):
+            if value > limit:
+                raise _over_limit(param, value, limit, "LONGHAUL_MAX_COMPLETION_CHOICES")
+        if best_of < self.n:
+            raise ApiError(
+                400, f"best_of ({best_of}) must be >= n ({self.n})", code="invalid_input",
+                param="best_of",
+            )  # fmt: skip
+        return self.n, best_of
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def to_sampling_params(self, settings: Settings) -> SamplingParams:
+    def to_sampling_params(self, settings: Settings, ranked: bool) -> SamplingParams:
+        """``ranked``: best_of > n, so every choice's cumulative logprob is needed."""
         explicit = "max_tokens" in self.model_fields_set
+        logprobs = limit_logprobs(self.logprobs, settings)
         return SamplingParams(
             max_new_tokens=limit_new_tokens(self.max_tokens, explicit, settings, "max_tokens"),
             temperature=self.temperature,
@@ -226,14 +357,26 @@ class CompletionRequest(_Strict):
             top_p=self.top_p,
             seed=self.seed,
             stop=self.stop_strings(),
+            logprobs=0 if logprobs is None and ranked else logprobs,
+            prompt_logprobs=logprobs if self.echo else None,
+            echo=self.echo,
         )
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object, one entry per token of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionUsage(BaseModel):
@@ -259,33 +402,102 @@ def completion_usage(prompt_tokens: int, completion_tokens: int) -> CompletionUs
     )
 
 
-class CompletionIdentity:
-    """``id`` and ``created`` shared by every chunk of one completion, as OpenAI sends them."""
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One returned choice: the engine's result and where it goes in ``choices``."""
 
-    def __init__(self, model: str) -> None:
+    index: int
+    result: GenerationResult
+
+
+def openai_logprobs(
+    items: Seq[TokenLogprob], base: int = 0, into: CompletionLogprobs | None = None
+) -> CompletionLogprobs:
+    """OpenAI's shape for ``items``; ``base`` shifts the offsets (the echoed prompt's length)."""
+    out = into or CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for lp in items:
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(lp.logprob)
+        if lp.logprob is None:
+            out.top_logprobs.append(None)
+        else:
+            top = {t.token: t.logprob for t in lp.top}
+            top.setdefault(lp.token, lp.logprob)
+            out.top_logprobs.append(top)
+        out.text_offset.append(base + lp.offset)
+    return out
+
+
+def _echo_prefix(prompt: PromptEcho | None) -> str:
+    return "" if prompt is None else prompt.text
+
+
+class CompletionIdentity:
+    """``id`` and ``created`` shared by every chunk of one completion, as OpenAI sends them;
+    what the request asked for that shapes each choice (echo, logprobs)."""
+
+    def __init__(self, model: str, echo: bool = False, logprobs: bool = False) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.echo = echo
+        self.logprobs = logprobs
+        self._bases: dict[int, int] = {}  # choice index -> length of its echoed prompt
 
-    def response(self, result: GenerationResult) -> dict[str, Any]:
-        choice = CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)
+    def choice(self, index: int, result: GenerationResult) -> CompletionChoice:
+        prefix = _echo_prefix(result.prompt) if self.echo else ""
+        logprobs = None
+        if self.logprobs:
+            logprobs = CompletionLogprobs(
+                tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[]
+            )
+            if self.echo and result.prompt is not None and result.prompt.logprobs is not None:
+                openai_logprobs(result.prompt.logprobs, 0, logprobs)
+            openai_logprobs(result.logprobs, len(prefix), logprobs)
+        return CompletionChoice(
+            index=index, text=prefix + result.text, finish_reason=result.finish_reason,
+            logprobs=logprobs,
+        )  # fmt: skip
+
+    def response(
+        self, choices: Seq[ChoiceResult], prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
         return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=[choice],
-            usage=completion_usage(result.prompt_tokens, result.completion_tokens),
+            id=self.id, created=self.created, model=self.model,
+            choices=[self.choice(c.index, c.result) for c in choices],
+            usage=completion_usage(prompt_tokens, completion_tokens),
         ).model_dump()  # fmt: skip
 
-    def stream_events(self, chunk: GenerationChunk, include_usage: bool) -> list[dict[str, Any]]:
-        """SSE payloads for one engine chunk, in OpenAI's streaming shape."""
-        events: list[dict[str, Any]] = []
-        if chunk.text or chunk.finish_reason is not None:
-            choice = CompletionChoice(index=0, text=chunk.text, finish_reason=chunk.finish_reason)
-            events.append(self._chunk([choice], None))
-        if chunk.finish_reason is not None and include_usage:
-            # OpenAI's stream_options.include_usage: one last chunk, no choices, the usage.
-            events.append(
-                self._chunk([], completion_usage(chunk.prompt_tokens, chunk.completion_tokens))
+    def stream_events(self, index: int, chunk: GenerationChunk) -> list[dict[str, Any]]:
+        """SSE payloads for one engine chunk of choice ``index``, in OpenAI's streaming shape;
+        with echo, the choice's first chunk starts with the prompt (and its logprobs)."""
+        prompt = chunk.prompt if self.echo else None
+        if prompt is not None:
+            self._bases[index] = len(prompt.text)
+        base = self._bases.get(index, 0)  # text_offset counts the echoed prompt
+        logprobs = None
+        if self.logprobs:
+            logprobs = CompletionLogprobs(
+                tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[]
             )
-        return events
+            if prompt is not None and prompt.logprobs is not None:
+                openai_logprobs(prompt.logprobs, 0, logprobs)
+            openai_logprobs(chunk.logprobs, base, logprobs)
+        text = _echo_prefix(prompt) + chunk.text
+        if not text and chunk.finish_reason is None and not (logprobs and logprobs.tokens):
+            return []
+        choice = CompletionChoice(
+            index=index, text=text, finish_reason=chunk.finish_reason, logprobs=logprobs
+        )
+        return [self._chunk([choice], None)]
+
+    def chunk_of(self, choice: CompletionChoice) -> dict[str, Any]:
+        """A streamed chunk holding one whole choice (best_of > n streams its winners so)."""
+        return self._chunk([choice], None)
+
+    def usage_event(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """OpenAI's stream_options.include_usage: one last chunk, no choices, the usage."""
+        return self._chunk([], completion_usage(prompt_tokens, completion_tokens))
 
     def _chunk(
         self, choices: list[CompletionChoice], usage: CompletionUsage | None

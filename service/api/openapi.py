@@ -36,7 +36,34 @@ def install(app: FastAPI, settings: Settings) -> None:
                         f"upper bound on new tokens; at most {settings.max_new_tokens_limit} "
                         "(LONGHAUL_MAX_NEW_TOKENS_LIMIT)"
                     )
+            _publish_limits(components, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _branches(field: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The parts of a property schema of JSON type ``kind`` (itself, or its anyOf branches)."""
+    options = field.get("anyOf", [field])
+    return [option for option in options if option.get("type") == kind]
+
+
+def _publish_limits(components: dict[str, Any], settings: Settings) -> None:
+    """The settings that bound logprobs, n / best_of and the number of prompts."""
+    maxima = [
+        ("GenerateRequest", "logprobs", settings.max_logprobs),
+        ("CompletionRequest", "logprobs", settings.max_logprobs),
+        ("CompletionRequest", "n", settings.max_completion_choices),
+        ("CompletionRequest", "best_of", settings.max_completion_choices),
+    ]
+    for component, prop, limit in maxima:
+        field = components.get(component, {}).get("properties", {}).get(prop)
+        for branch in _branches(field or {}, "integer"):
+            branch["maximum"] = limit
+    prompt = components.get("CompletionRequest", {}).get("properties", {}).get("prompt")
+    for branch in _branches(prompt or {}, "array"):
+        # A list of texts or of token-id lists is a batch; a flat list of ids is one prompt,
+        # bounded by the model's context instead.
+        if branch.get("items", {}).get("type") in ("string", "array"):
+            branch["maxItems"] = settings.max_completion_prompts

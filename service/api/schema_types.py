@@ -40,6 +40,8 @@ MAX_TOKEN_ID = 2**31 - 1
 MAX_TEMPERATURE = 100.0
 
 PositiveInt = Annotated[int, Field(ge=1, le=MAX_EXACT_INT), INTEGRAL]
+#: A new-token count that may be 0 (``echo`` scoring generates nothing).
+MaxTokens = Annotated[int, Field(ge=0, le=MAX_EXACT_INT), INTEGRAL]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), INTEGRAL]
 TopK = Annotated[
     int,

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence as Seq
 
 from model_store.tokens import EOS_ID, PAD_ID
 from service.engine.errors import ContextLengthExceeded, InvalidInput
 from service.engine.generation_scheduler import Scheduler
-from service.engine.generation_steppers import Sequence, stepper_for
+from service.engine.generation_steppers import PromptState, Sequence, stepper_for
 from service.engine.generation_stream import GenerationStream
-from service.engine.generation_text import TextTracker
+from service.engine.generation_text import TextTracker, TokenTexts, decode_with_offsets
 from service.engine.generation_types import (
     FinishReason,
     GenerationChunk,
@@ -76,7 +77,10 @@ class GenerationEngine:
         # What an empty prompt (and the warm-up) starts from: the end token, else padding.
         self.start_id = self.pad_id if self.eos_id is None else self.eos_id
         self.stepper = stepper_for(model, settings, metrics)
-        self.scheduler = Scheduler(model.name, self.stepper, settings, metrics, self.eos_id)
+        self.token_texts = TokenTexts(model.tokenizer)
+        self.scheduler = Scheduler(
+            model.name, self.stepper, settings, metrics, self.eos_id, self.token_texts
+        )
         self._ids = itertools.count()
 
     @property
@@ -91,8 +95,10 @@ class GenerationEngine:
     async def warmup(self) -> None:
         """Two greedy tokens from a one-token prompt: runs prefill and (kv mode) a decode step."""
         params = SamplingParams(max_new_tokens=2, temperature=0)
-        stream = self._enqueue([self.start_id], params, time.perf_counter(), record_metrics=False)
-        await stream.collect()
+        (group,) = self._enqueue(
+            [[self.start_id]], params, 1, time.perf_counter(), record_metrics=False
+        )
+        await group[0].collect()
 
     async def stop(self) -> None:
         """Refuse new requests; let admitted and waiting ones finish for up to
@@ -111,18 +117,47 @@ class GenerationEngine:
         (token id outside the vocabulary; a request larger than the whole KV budget),
         ``QueueFull`` (``settings.max_waiting_sequences`` already waiting), ``EngineStopped``.
         """
+        (group,) = await self.submit_many([prompt], params)
+        return group[0]
+
+    async def submit_many(
+        self, prompts: Seq[str | list[int]], params: SamplingParams, choices: int = 1
+    ) -> list[list[GenerationStream]]:
+        """Several prompts, ``choices`` continuations of each (n > 1 / best_of), queued together
+        or not at all; the streams per prompt, in order, choice 0 first. The choices of one
+        prompt share its prefill (KV-cache models: one prefill, its cache copied per choice)
+        and each samples with its own generator (``SamplingParams.generator``). Raises what
+        :meth:`submit` raises, for the first prompt at fault (``param`` names its index), and
+        ``InvalidInput`` when the choices of one prompt could never run together."""
+        if choices < 1:
+            raise ValueError(f"choices must be >= 1, got {choices}")
         arrival = time.perf_counter()  # time to first token counts tokenization too
-        if isinstance(prompt, str):
-            # Off the loop: a prompt near max_context takes milliseconds to tokenize.
-            ids = (await asyncio.to_thread(self.model.tokenizer.encode, prompt)).ids
-        else:
-            bad = [i for i in prompt if not 0 <= i < self.vocab_size]
-            if bad:
-                raise InvalidInput(
-                    f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
-                )
-            ids = list(prompt)
-        return self._enqueue(ids, params, arrival, record_metrics=True)
+        tokenized: list[list[int]] = []
+        for index, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+            if isinstance(prompt, str):
+                # Off the loop: a prompt near max_context takes milliseconds to tokenize.
+                ids = (await asyncio.to_thread(self.model.tokenizer.encode, prompt)).ids
+            else:
+                bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+                if bad:
+                    raise InvalidInput(
+                        f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param=param
+                    )
+                ids = list(prompt)
+            tokenized.append(ids)
+        echoes: list[PromptState | None] = [None] * len(prompts)
+        if params.echoes:
+            echoes = await asyncio.to_thread(self._prompt_states, tokenized)
+        return self._enqueue(tokenized, params, choices, arrival, True, echoes)
+
+    def _prompt_states(self, prompts: list[list[int]]) -> list[PromptState | None]:
+        """Text and token offsets of each prompt as it will be run (empty = the start token)."""
+        states: list[PromptState | None] = []
+        for ids in prompts:
+            text, offsets = decode_with_offsets(self.model.tokenizer, ids or [self.start_id])
+            states.append(PromptState(text, offsets))
+        return states
 
     def cancel(self, stream_id: int) -> None:
         """End a request (``GenerationStream.id``): a waiting one leaves the queue at once, an
@@ -132,23 +167,63 @@ class GenerationEngine:
         self.scheduler.cancel(stream_id)
 
     def _enqueue(
-        self, prompt_ids: list[int], params: SamplingParams, arrival: float, record_metrics: bool
-    ) -> GenerationStream:
-        ids = prompt_ids or [self.start_id]
-        total = len(ids) + params.max_new_tokens
+        self, prompts: list[list[int]], params: SamplingParams, choices: int, arrival: float,
+        record_metrics: bool, echoes: list[PromptState | None] | None = None,
+    ) -> list[list[GenerationStream]]:  # fmt: skip
+        total = len(prompts) * choices
+        if total > self.settings.max_waiting_sequences:
+            raise InvalidInput(
+                f"{len(prompts)} prompts x {choices} choices = {total} sequences, more than the "
+                f"queue holds ({self.settings.max_waiting_sequences}, "
+                "LONGHAUL_MAX_WAITING_SEQUENCES)",
+                param="prompt",
+            )
+        groups: list[Sequence] = []
+        for index, prompt_ids in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+            ids = prompt_ids or [self.start_id]
+            self._check(len(ids), params.max_new_tokens, choices, param)
+            state = None if echoes is None else echoes[index]
+            members = []
+            for choice in range(choices):
+                seq_id = next(self._ids)
+                stream = GenerationStream(seq_id, len(ids), self.cancel)
+                members.append(
+                    Sequence(
+                        seq_id, ids, params, stream, TextTracker(self.model.tokenizer, params.stop),
+                        params.generator(choice), arrival, record_metrics, prompt_state=state,
+                    )
+                )  # fmt: skip
+            members[0].forks = members[1:]
+            groups.append(members[0])
+        self.scheduler.enqueue_many(groups)
+        return [[seq.stream for seq in head.group] for head in groups]
+
+    def _check(self, prompt_tokens: int, new_tokens: int, choices: int, param: str) -> None:
+        """Refuse what could never run, however long it waited."""
+        total = prompt_tokens + new_tokens
         if total > self.max_context:
             raise ContextLengthExceeded(
-                total, self.max_context, param="prompt",
-                hint=f" ({len(ids)} prompt tokens + {params.max_new_tokens} new tokens requested)",
+                total, self.max_context, param=param,
+                hint=f" ({prompt_tokens} prompt tokens + {new_tokens} new tokens requested)",
             )  # fmt: skip
-        refusal = self.stepper.refusal(len(ids), params.max_new_tokens)
+        refusal = self.stepper.refusal(prompt_tokens, new_tokens)
         if refusal is not None:
             raise InvalidInput(refusal, param="max_new_tokens")
-        seq_id = next(self._ids)
-        stream = GenerationStream(seq_id, len(ids), self.cancel)
-        seq = Sequence(
-            seq_id, ids, params, stream, TextTracker(self.model.tokenizer, params.stop),
-            params.generator(), arrival, record_metrics,
-        )  # fmt: skip
-        self.scheduler.enqueue(seq)
-        return stream
+        settings = self.settings
+        limits = [
+            (settings.max_num_seqs, "LONGHAUL_MAX_NUM_SEQS"),
+            (settings.max_waiting_sequences, "LONGHAUL_MAX_WAITING_SEQUENCES"),
+        ]
+        for limit, name in limits:
+            if choices > limit:
+                raise InvalidInput(
+                    f"{choices} choices of one prompt must run together; at most {limit} ({name})",
+                    param="n",
+                )
+        if choices > 1 and not self.stepper.fits([total] * choices):
+            raise InvalidInput(
+                f"{choices} choices of {total} tokens each do not fit the KV cache budget "
+                "together (LONGHAUL_KV_CACHE_BYTES)",
+                param="n",
+            )

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -39,7 +40,11 @@ from service.engine.generation_types import (
     GenerationChunk,
     GenerationError,
     GenerationStats,
+    PromptEcho,
+    TokenLogprob,
+    TopLogprob,
 )
+from service.engine.logprobs import Scores, score
 from service.engine.sampling import sample
 from service.metrics import Metrics
 from service.settings import Settings
@@ -57,12 +62,14 @@ class Scheduler:
         settings: Settings,
         metrics: Metrics,
         eos_id: int | None,
+        token_text: Callable[[int], str],
     ) -> None:
         self.name = name
         self.stepper = stepper
         self.settings = settings
         self.metrics = metrics
         self.eos_id = eos_id  # None: the model has no end token (generates to max_new_tokens)
+        self.token_text = token_text  # what logprobs show for a token id (TokenTexts)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Shared with the event loop (under _lock): waiting queue, cancellations, lifecycle.
@@ -104,30 +111,48 @@ class Scheduler:
 
     def enqueue(self, seq: Sequence) -> None:
         """Raises ``EngineStopped`` (not running) or ``QueueFull``."""
+        self.enqueue_many([seq])
+
+    def enqueue_many(self, seqs: Seq[Sequence]) -> None:
+        """Queue all of ``seqs`` (each with its forks) or none: the same errors as enqueue."""
         with self._lock:
             if not self._accepting:
                 raise EngineStopped(f"model {self.name!r} is not running (unloaded or stopping)")
-            if len(self._waiting) >= self.settings.max_waiting_sequences:
+            incoming = sum(len(seq.group) for seq in seqs)
+            if self._waiting_count_locked() + incoming > self.settings.max_waiting_sequences:
                 self.metrics.reject(self.name, "queue_full")
                 raise QueueFull(
                     self.name,
                     self.settings.max_waiting_sequences,
                     self.settings.retry_after_seconds,
                 )
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._publish_waiting_locked()
             self._wake.notify()
+
+    def _waiting_count_locked(self) -> int:
+        """Sequences waiting, forks included (the queue holds each group's first)."""
+        return sum(len(seq.group) for seq in self._waiting)
 
     def cancel(self, seq_id: int) -> None:
         """A waiting sequence leaves the queue now; an admitted one at the next step boundary.
         Either way its stream ends without a final chunk. Unknown or finished ids are ignored.
         Any thread."""
         with self._lock:
-            for seq in self._waiting:
-                if seq.id == seq_id:
-                    self._waiting.remove(seq)  # never admitted: nothing to free
-                    self._publish_waiting_locked()
-                    break
+            for index, head in enumerate(self._waiting):
+                seq = next((s for s in head.group if s.id == seq_id), None)
+                if seq is None:
+                    continue
+                # Never admitted: nothing to free. Its forks (or the group's others) stay queued.
+                if seq is head:
+                    del self._waiting[index]
+                    if head.forks:
+                        head.forks[0].forks = head.forks[1:]
+                        self._waiting.insert(index, head.forks[0])
+                else:
+                    head.forks.remove(seq)
+                self._publish_waiting_locked()
+                break
             else:
                 self._cancelled.add(seq_id)
                 self._wake.notify()
@@ -179,36 +204,74 @@ class Scheduler:
         """Move waiting sequences to the stepper, in arrival order."""
         admitted: list[Sequence] = []
         held = [seq.reserved_tokens for seq in self._active.values()]
+        rows = len(self._active)
         with self._lock:
-            while self._waiting and len(self._active) + len(admitted) < self.settings.max_num_seqs:
-                head = self._waiting[0]
-                if not self.stepper.fits([*held, head.reserved_tokens]):
+            while self._waiting:
+                head = self._waiting[0]  # a group: the choices of one prompt come in together
+                group = [seq.reserved_tokens for seq in head.group]
+                if rows + len(group) > self.settings.max_num_seqs:
+                    break
+                if not self.stepper.fits([*held, *group]):
                     break  # head-of-line waits for memory; later ones do not overtake it
-                held.append(head.reserved_tokens)
+                held.extend(group)
+                rows += len(group)
                 admitted.append(self._waiting.popleft())
         now = time.perf_counter()
-        for seq in admitted:
-            seq.admitted = now
-            seq.stream.queue_seconds = now - seq.arrival
-            if seq.record_metrics:
-                self.metrics.count_input_tokens(self.name, len(seq.prompt))
-                self.metrics.observe_queue(self.name, now - seq.arrival)
-            self._active[seq.id] = seq
-            self.stepper.admit(seq)
+        for head in admitted:
+            if head.record_metrics:  # one prompt, prefilled once for all its choices
+                self.metrics.count_input_tokens(self.name, len(head.prompt))
+            for seq in head.group:
+                seq.admitted = now
+                seq.stream.queue_seconds = now - seq.arrival
+                if seq.record_metrics:
+                    self.metrics.observe_queue(self.name, now - seq.arrival)
+                self._active[seq.id] = seq
+            self.stepper.admit(head)
         return admitted
 
     # --- StepSink: what the stepper calls after each forward pass
 
     def accept(self, rows: Seq[Sequence], logits: np.ndarray) -> set[int]:
-        """Sample the next token of every row from ``logits`` (b, v); the ids that ended."""
-        tokens = self._sample(rows, logits)
+        """Sample the next token of every row from ``logits`` (b, v); the ids that ended.
+        Rows that asked for no new tokens (prompt scoring) end here without sampling."""
         now = time.perf_counter()
         finished: set[int] = set()
-        for seq, token in zip(rows, tokens, strict=True):
-            if self._push(seq, token, now):
+        if any(seq.params.max_new_tokens == 0 for seq in rows):
+            picked = [r for r, seq in enumerate(rows) if seq.params.max_new_tokens > 0]
+            for seq in rows:
+                if seq.params.max_new_tokens == 0:
+                    self._finish_prefill_only(seq)
+                    finished.add(seq.id)
+            rows, logits = [rows[r] for r in picked], logits[picked]
+        tokens = self._sample(rows, logits)
+        for r, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
+            logprob = None if seq.params.logprobs is None else self._logprob(seq, logits[r], token)
+            if self._push(seq, token, now, logprob):
                 finished.add(seq.id)
                 del self._active[seq.id]
         return finished
+
+    def observe_prompt(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
+        """Score prompt positions ``start`` .. ``start + t - 1`` (logits (t, v)): position i
+        predicts prompt token i + 1; the first token has no logprob (nothing precedes it)."""
+        k, state = seq.params.prompt_logprobs, seq.prompt_state
+        if k is None or state is None:
+            return
+        prompt = seq.prompt
+        if len(state.scores) >= min(start + logits.shape[0] + 1, len(prompt)):
+            return  # a fork of the same prompt scored these already (full-sequence mode)
+        if start == 0:
+            state.scores.append(
+                TokenLogprob(prompt[0], self.token_text(prompt[0]), None, (), state.offsets[0])
+            )
+        n = min(logits.shape[0], len(prompt) - 1 - start)  # positions whose target is prompt
+        if n <= 0:
+            return
+        targets = np.asarray(prompt[start + 1 : start + 1 + n], np.int64)
+        scores = score(logits[:n], targets, k)
+        for j in range(n):
+            i = start + 1 + j
+            state.scores.append(self._token_logprob(prompt[i], scores, j, state.offsets[i]))
 
     def fail(self, rows: Seq[Sequence], exc: Exception) -> None:
         """A forward pass failed: these sequences end with an error."""
@@ -238,7 +301,40 @@ class Scheduler:
                 tokens[r] = sample(logits[r], seq.params, seq.rng)
         return tokens
 
-    def _push(self, seq: Sequence, token: int, now: float) -> bool:
+    def _logprob(self, seq: Sequence, logits: np.ndarray, token: int) -> TokenLogprob:
+        """The sampled ``token``'s logprob under ``logits`` (v,), with the top alternatives."""
+        k = seq.params.logprobs or 0
+        scores = score(logits[None], np.asarray([token], np.int64), k)
+        return self._token_logprob(token, scores, 0, seq.text.decoded_chars)
+
+    def _token_logprob(self, token: int, scores: Scores, j: int, offset: int) -> TokenLogprob:
+        top = tuple(
+            TopLogprob(int(t), self.token_text(int(t)), float(lp))
+            for t, lp in zip(scores.top_ids[j], scores.top_logprobs[j], strict=True)
+        )
+        return TokenLogprob(token, self.token_text(token), float(scores.chosen[j]), top, offset)
+
+    @staticmethod
+    def _echo(seq: Sequence) -> PromptEcho | None:
+        """What the first chunk of ``seq`` carries of its prompt (None unless asked)."""
+        state = seq.prompt_state
+        if state is None:
+            return None
+        scores = None if seq.params.prompt_logprobs is None else tuple(state.scores)
+        return PromptEcho(state.text, tuple(seq.prompt), scores)
+
+    def _finish_prefill_only(self, seq: Sequence) -> None:
+        """A request for 0 new tokens: its prompt (scored, if asked) and "length"."""
+        if seq.record_metrics:
+            self.metrics.observe_first_token(self.name, time.perf_counter() - seq.arrival)
+        chunk = GenerationChunk(
+            "", (), "length", len(seq.prompt), 0, prompt=self._echo(seq),
+            cumulative_logprob=None if seq.params.logprobs is None else 0.0,
+        )  # fmt: skip
+        self._outbox.put(seq.stream, chunk)
+        del self._active[seq.id]
+
+    def _push(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None) -> bool:
         """Record ``token`` for ``seq`` and queue its chunk; True if the sequence ended."""
         if seq.record_metrics:
             if seq.generated:
@@ -247,7 +343,10 @@ class Scheduler:
                 self.metrics.observe_first_token(self.name, now - seq.arrival)
             self.metrics.count_generated_tokens(self.name, 1)
         seq.last_token_at = now
+        echo = None if seq.generated else self._echo(seq)
         seq.generated.append(token)
+        if logprob is not None and logprob.logprob is not None:
+            seq.cumulative_logprob += logprob.logprob
         reason: FinishReason | None = None
         if token == self.eos_id:
             text, reason = seq.text.finish(), "stop"
@@ -257,7 +356,13 @@ class Scheduler:
                 reason = "stop"
             elif len(seq.generated) >= seq.params.max_new_tokens:
                 text, reason = text + seq.text.finish(), "length"
-        chunk = GenerationChunk(text, (token,), reason, len(seq.prompt), len(seq.generated))
+        cumulative = None
+        if reason is not None and seq.params.logprobs is not None:
+            cumulative = seq.cumulative_logprob
+        chunk = GenerationChunk(
+            text, (token,), reason, len(seq.prompt), len(seq.generated),
+            () if logprob is None else (logprob,), echo, cumulative,
+        )  # fmt: skip
         self._outbox.put(seq.stream, chunk)
         return reason is not None
 
@@ -265,7 +370,7 @@ class Scheduler:
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            pending = [*self._waiting, *self._active.values()]
+            pending = [*(s for head in self._waiting for s in head.group), *self._active.values()]
             self._waiting.clear()
             self._cancelled.clear()
         self.stepper.release(list(self._active))
@@ -279,14 +384,13 @@ class Scheduler:
         kv, decoding = self.stepper.cache_bytes, self.stepper.decoding
         prefix = self.stepper.prefix_cache_bytes
         with self._lock:
-            self._stats = GenerationStats(
-                len(self._active), len(self._waiting), kv, decoding, prefix
-            )
+            waiting = self._waiting_count_locked()
+            self._stats = GenerationStats(len(self._active), waiting, kv, decoding, prefix)
             self._report_locked()
 
     def _publish_waiting_locked(self) -> None:
         """Event loop: only the waiting count changed (the rest belongs to the worker)."""
-        self._stats = dataclasses.replace(self._stats, waiting=len(self._waiting))
+        self._stats = dataclasses.replace(self._stats, waiting=self._waiting_count_locked())
         self._report_locked()
 
     def _report_locked(self) -> None:

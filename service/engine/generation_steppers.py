@@ -46,6 +46,7 @@ from model_store.manifest import CacheLayout, GenerationMode
 from service.engine.cost import attends_whole_past, prefill_chunk_limit
 from service.engine.generation_stream import GenerationStream
 from service.engine.generation_text import TextTracker
+from service.engine.generation_types import TokenLogprob
 from service.engine.kv_cache import CacheShape, DecodeBatch, KVBudget, prefill_inputs
 from service.engine.models import LoadedModel
 from service.engine.prefix_cache import Chain, PrefixCache
@@ -55,8 +56,19 @@ from service.settings import Settings
 
 
 @dataclass(eq=False)
+class PromptState:
+    """What the choices of one prompt share for ``echo``: its text, each token's character
+    offset in it, and the prompt's token logprobs as prefill scores them (StepSink.observe_prompt).
+    """
+
+    text: str
+    offsets: list[int]
+    scores: list[TokenLogprob] = field(default_factory=list)  # one per prompt token, in order
+
+
+@dataclass(eq=False)
 class Sequence:
-    """Worker-side state of one request, whatever the mode."""
+    """Worker-side state of one request (one choice of it), whatever the mode."""
 
     id: int
     prompt: list[int]
@@ -69,15 +81,37 @@ class Sequence:
     admitted: float = 0.0
     generated: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
+    # The other choices of the same prompt (n > 1, best_of): queued, admitted and prefilled with
+    # this one, then each decodes on its own (its own generator, its own cache row).
+    forks: list[Sequence] = field(default_factory=list)
+    prompt_state: PromptState | None = None  # with params.echoes; shared with the forks
+    cumulative_logprob: float = 0.0  # of the generated tokens, when params.logprobs is set
 
     @property
     def reserved_tokens(self) -> int:
         """The most tokens this sequence can ever hold: prompt + max_new_tokens."""
         return len(self.prompt) + self.params.max_new_tokens
 
+    @property
+    def group(self) -> list[Sequence]:
+        """This sequence and its forks: what one prefill serves."""
+        return [self, *self.forks]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Every prompt position must go through the model (a cached prefix cannot be reused:
+        its logits are not kept)."""
+        return self.params.prompt_logprobs is not None
+
 
 class StepSink(Protocol):
     """Where a stepper hands the results of each forward pass (the scheduler)."""
+
+    def observe_prompt(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
+        """``logits`` (t, v) of prompt positions start .. start + t - 1 of ``seq`` (a prefill
+        chunk): scored for ``prompt_logprobs``, if the request asked; else a no-op. Chunks
+        come in order; a group's forks share one score, so repeated positions are ignored."""
+        ...
 
     def accept(self, rows: Seq[Sequence], logits: np.ndarray) -> set[int]:
         """``logits`` (b, v): the next-token logits of each row, in row order. Samples one token
@@ -212,7 +246,15 @@ class KVCacheStepper:
 
     def release(self, seq_ids: Collection[int]) -> None:
         ids = set(seq_ids)
-        self._prefills = [p for p in self._prefills if p.seq.id not in ids]
+        prefills = []
+        for prefill in self._prefills:
+            rows = [seq for seq in prefill.seq.group if seq.id not in ids]
+            if rows:  # a released choice's forks keep the prefill (and its cache blocks)
+                if rows[0] is not prefill.seq and prefill.seq.id in self._chains:
+                    self._chains[rows[0].id] = self._chains.pop(prefill.seq.id)
+                rows[0].forks, prefill.seq = rows[1:], rows[0]
+                prefills.append(prefill)
+        self._prefills = prefills
         for seq_id in ids:
             self._decoding.pop(seq_id, None)
             self._release_chain(seq_id)
@@ -256,7 +298,10 @@ class KVCacheStepper:
             if tokens <= 0 or pairs <= 0:
                 break
             if self.prefix is not None:
-                self._reuse(prefill)
+                if prefill.seq.needs_prompt_logits:  # every position is scored: no reuse
+                    self._chains.setdefault(prefill.seq.id, Chain())
+                else:
+                    self._reuse(prefill)
             n = min(prefill.remaining, tokens)
             if self.bound_pairs:
                 n = min(n, prefill_chunk_limit(prefill.done, pairs))
@@ -273,6 +318,7 @@ class KVCacheStepper:
                 sink.flush()
                 continue
             self.metrics.observe_batch(self.model.name, 1, n, n, [])
+            sink.observe_prompt(seq, start, outputs["logits"][0])
             # The graph returns this chunk's entries only; a prompt has few chunks, so appending
             # them to the sequence's own exact-length cache copies little.
             prefill.cache = np.concatenate([prefill.cache, outputs[self.cache_output]], axis=4)
@@ -281,13 +327,17 @@ class KVCacheStepper:
             if prefill.remaining:
                 continue
             self._prefills.remove(prefill)
-            if sink.accept([seq], outputs["logits"][:, -1]):
+            # One prefill, one cache copy per choice (n > 1): each forks from the same logits.
+            rows = seq.group
+            finished = sink.accept(rows, np.repeat(outputs["logits"][:, -1], len(rows), axis=0))
+            if seq.id in finished:
                 self._release_chain(seq.id)
-            else:
-                held = sum(p.cache.nbytes for p in self._prefills)  # beside the decode rows
-                self.batch.max_bytes = max(0, self.budget.capacity_bytes - held)
-                self.batch.add(seq.id, prefill.cache, seq.reserved_tokens)
-                self._decoding[seq.id] = seq
+            for row in rows:
+                if row.id not in finished:
+                    held = sum(p.cache.nbytes for p in self._prefills)  # beside the decode rows
+                    self.batch.max_bytes = max(0, self.budget.capacity_bytes - held)
+                    self.batch.add(row.id, prefill.cache, row.reserved_tokens)
+                    self._decoding[row.id] = row
             sink.flush()
 
     # --- prefix cache (prefix_cache.py)
@@ -361,7 +411,8 @@ class FullSequenceStepper:
         return True
 
     def admit(self, seq: Sequence) -> None:
-        self._rows[seq.id] = seq
+        for row in seq.group:  # nothing to share: each choice recomputes its own sequence
+            self._rows[row.id] = row
 
     def step(self, sink: StepSink) -> None:
         groups: dict[int, list[Sequence]] = {}
@@ -377,6 +428,9 @@ class FullSequenceStepper:
                 sink.fail(rows, exc)
                 continue
             self.metrics.observe_batch(self.model.name, len(rows), ids.size, ids.size, [])
+            for r, seq in enumerate(rows):
+                if not seq.generated:  # the first pass covers the whole prompt
+                    sink.observe_prompt(seq, 0, outputs["logits"][r])
             self.release(sink.accept(rows, outputs["logits"][:, -1]))
         sink.flush()
 

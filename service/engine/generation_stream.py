@@ -12,7 +12,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from service.engine.generation_types import GenerationChunk, GenerationError, GenerationResult
+from service.engine.generation_types import (
+    GenerationChunk,
+    GenerationError,
+    GenerationResult,
+    PromptEcho,
+    TokenLogprob,
+)
 
 
 class GenerationStream:
@@ -52,13 +58,17 @@ class GenerationStream:
         """Wait for the whole generation."""
         pieces: list[str] = []
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        prompt: PromptEcho | None = None
         async for chunk in self:
             pieces.append(chunk.text)
             tokens.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            prompt = prompt or chunk.prompt
             if chunk.finish_reason is not None:
                 return GenerationResult(
                     "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
-                    chunk.completion_tokens,
+                    chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
                 )  # fmt: skip
         raise GenerationError("the generation ended without a final chunk")
 

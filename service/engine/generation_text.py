@@ -13,7 +13,9 @@ Two problems, one class each:
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -28,6 +30,7 @@ class IncrementalDecoder:
         # not from 0) keeps each step O(1) while giving the decoder context for spacing rules.
         self._prefix = 0
         self._read = 0
+        self.released = 0  # characters released so far: where the next token's text starts
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -35,6 +38,7 @@ class IncrementalDecoder:
         after = self._decode(self._ids[self._prefix :])
         if len(after) > len(before) and not after.endswith(REPLACEMENT_CHAR):
             self._prefix, self._read = self._read, len(self._ids)
+            self.released += len(after) - len(before)
             return after[len(before) :]
         return ""
 
@@ -43,6 +47,7 @@ class IncrementalDecoder:
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
+        self.released += len(after) - len(before)
         return after[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
@@ -104,6 +109,11 @@ class TextTracker:
         self._matcher = StopMatcher(stop)
 
     @property
+    def decoded_chars(self) -> int:
+        """Characters decoded so far, stop strings ignored: the next token's text offset."""
+        return self._decoder.released
+
+    @property
     def stopped(self) -> bool:
         """True once a stop string appeared; the caller ends the sequence with reason "stop"."""
         return self._matcher.stopped
@@ -118,3 +128,69 @@ class TextTracker:
         # The decoder's tail may itself complete a stop string, hence through the matcher.
         text = self._matcher.push(self._decoder.flush())
         return text + self._matcher.flush()
+
+
+def decode_with_offsets(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[str, list[int]]:
+    """The text of ``ids`` and the character offset in it at which each token's text starts
+    (a token that ends inside a multi-byte character starts where that character does)."""
+    decoder = IncrementalDecoder(tokenizer)
+    pieces: list[str] = []
+    offsets: list[int] = []
+    for token_id in ids:
+        offsets.append(decoder.released)
+        pieces.append(decoder.push(token_id))
+    pieces.append(decoder.flush())
+    return "".join(pieces), offsets
+
+
+class TokenTexts:
+    """Token id -> the token's own text, as ``logprobs`` show it; cached, since a token's text
+    does not depend on its context.
+
+    A byte-level BPE token that is only part of a UTF-8 character has no text of its own: it is
+    shown as OpenAI shows it, ``bytes:`` followed by its bytes as ``\\xNN`` escapes. Special
+    tokens show their name (``<eos>``).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._text(token_id)
+        return text
+
+    def _text(self, token_id: int) -> str:
+        text: str = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        if REPLACEMENT_CHAR not in text or not self._byte_level:
+            return text
+        symbols = self._tokenizer.id_to_token(token_id) or ""
+        table = _byte_symbol_table()
+        if not symbols or any(c not in table for c in symbols):
+            return text
+        raw = bytes(table[c] for c in symbols)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+_BYTE_SYMBOLS: dict[str, int] = {}
+
+
+def _byte_symbol_table() -> dict[str, int]:
+    """Byte-level BPE's printable symbol -> the byte it stands for (GPT-2's table: printable
+    Latin-1 bytes stand for themselves, the others are shifted past U+0100 in byte order)."""
+    if not _BYTE_SYMBOLS:
+        printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        shifted = 0
+        for byte in range(256):
+            if byte in printable:
+                _BYTE_SYMBOLS[chr(byte)] = byte
+            else:
+                _BYTE_SYMBOLS[chr(256 + shifted)] = byte
+                shifted += 1
+    return _BYTE_SYMBOLS

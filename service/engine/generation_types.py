@@ -5,10 +5,39 @@ The api and benchmarks import these; they depend on nothing else in the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["length", "stop"]
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str  # the token's own text (TokenTexts in generation_text.py)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution (log-softmax of the logits
+    at temperature 1, before top-k/top-p), and the most probable tokens at its position."""
+
+    token_id: int
+    token: str
+    logprob: float | None  # None only for a prompt's first token: nothing precedes it
+    top: tuple[TopLogprob, ...]  # the k most probable, most probable first (ties: lower id)
+    offset: int  # character offset of the token in its text (the prompt's, or the completion's)
+
+
+@dataclass(frozen=True)
+class PromptEcho:
+    """The prompt as the engine saw it, returned on the first chunk of a request that asks for
+    it (``SamplingParams.echo``; with ``prompt_logprobs``, scored token by token)."""
+
+    text: str  # the prompt ids decoded
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None  # one per prompt token, when requested
 
 
 @dataclass(frozen=True)
@@ -20,6 +49,10 @@ class GenerationChunk:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int  # generated so far, this chunk included
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids``, when requested
+    prompt: PromptEcho | None = None  # on the first chunk only, when requested
+    # On the final chunk, when logprobs were requested: the sum over the generated tokens.
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +62,9 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when requested
+    prompt: PromptEcho | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Every engine has a lifecycle (:class:`Engine`); an ``encode`` model's engine als
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from typing import Protocol, runtime_checkable
 
 from service.engine.encoding import EncodeOutput, EncodeParams
@@ -34,6 +35,13 @@ class EncodeEngine(Engine, Protocol):
 class GenerateEngine(Engine, Protocol):
     async def submit(self, prompt: str | list[int], params: SamplingParams) -> GenerationStream:
         """Check and queue one request; its tokens arrive on the returned stream."""
+        ...
+
+    async def submit_many(
+        self, prompts: Seq[str | list[int]], params: SamplingParams, choices: int = 1
+    ) -> list[list[GenerationStream]]:
+        """Queue several prompts, ``choices`` continuations each, all or none; the streams of
+        each prompt in order."""
         ...
 
     def cancel(self, stream_id: int) -> None:

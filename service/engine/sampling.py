@@ -27,11 +27,21 @@ class SamplingParams:
     top_p: float | None = None  # nucleus mass in (0, 1]; None or 1 = no limit
     seed: int | None = None  # None = fresh OS entropy per request
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    # Log-probabilities (logprobs.py): None = not computed; k >= 0 = each generated token's
+    # logprob and the k most probable tokens at its position.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token (implies ``echo``)
+    echo: bool = False  # return the prompt (PromptEcho) on the first chunk
 
     def __post_init__(self) -> None:
         # The API validates with friendly messages; these guard engine callers (tests, benchmarks).
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        # 0 new tokens: prefill only (scoring a prompt with prompt_logprobs), "length" at once.
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -45,8 +55,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+    @property
+    def echoes(self) -> bool:
+        return self.echo or self.prompt_logprobs is not None
+
+    def generator(self, choice: int = 0) -> np.random.Generator:
+        """The random stream of choice ``choice`` of a request (n > 1 or best_of).
+
+        Choice 0 draws from ``seed`` itself, so a request with one choice is unchanged; choice
+        i >= 1 from ``SeedSequence(seed, spawn_key=(i,))``, numpy's independent child streams.
+        A choice's tokens thus depend on the seed and its index only, not on n, best_of or the
+        other prompts of a batch. Unseeded requests draw fresh OS entropy per choice.
+        """
+        if self.seed is None or choice == 0:
+            return np.random.default_rng(self.seed)
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(choice,)))
 
 
 def filter_logits(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 MODEL_DEPENDENT_CODES = frozenset(
     {
         "context_length_exceeded",  # prompt (+ new tokens) longer than the model's max_context
-        "invalid_input",  # a token id outside the model's vocabulary; more than its KV budget
+        # A token id outside the model's vocabulary; more than its KV budget (or n choices that
+        # do not fit it together); and best_of < n, the one cross-field rule of /v1/completions.
+        "invalid_input",
         "invalid_dimensions",  # embeddings `dimensions` other than the model's width
     }
 )

@@ -4,17 +4,18 @@ that disconnect early, against uvicorn on a loopback port (the ``live_server`` f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from service.backends.base import Backend
 from service.engine.generation import GenerationEngine
-from tests.service.conftest import LiveServer
+from tests.service.conftest import EagerReference, LiveServer
 
 PROMPT = "def parse(self, text):\n    return"
 
@@ -60,12 +61,125 @@ def test_openai_client_streaming_completion(live_server: LiveServer, oai: openai
 
 
 def test_openai_client_sees_typed_errors(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        oai.completions.create(model="ali", prompt=PROMPT, max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        oai.completions.create(model="ali", prompt=PROMPT, max_tokens=2, n=3, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        oai.completions.create(model="ali", prompt=PROMPT, max_tokens=2, suffix="x")
     with pytest.raises(openai.UnprocessableEntityError):
-        oai.completions.create(model="ali", prompt=PROMPT, max_tokens=0)
+        oai.completions.create(model="ali", prompt=PROMPT, max_tokens=-1)
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+
+
+# ----------------------------------------------------------------------------- logprobs, echo, n
+
+
+def eager_log_softmax(reference: EagerReference, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.tensor([ids], dtype=torch.long)
+        logits = reference.ckpt.model(x, torch.ones_like(x))[0][0].double()
+    out: np.ndarray = torch.log_softmax(logits, dim=-1).numpy()
+    return out
+
+
+def test_openai_client_logprobs(oai: openai.OpenAI) -> None:
+    completion = oai.completions.create(
+        model="ali", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2
+    )
+    (choice,) = completion.choices
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert completion.usage is not None
+    assert len(lp.tokens) == completion.usage.completion_tokens == 5
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert isinstance(logprob, float) and logprob < 0
+        assert 2 <= len(top) <= 3 and top[token] == logprob  # greedy: the token is the top one
+        assert max(top.values()) == pytest.approx(logprob)
+
+
+def test_openai_client_echo_scores_the_prompt_like_the_eager_model(
+    oai: openai.OpenAI, eager: Callable[[str], EagerReference]
+) -> None:
+    reference = eager("ali")
+    ids = reference.token_ids(PROMPT)
+    completion = oai.completions.create(
+        model="ali", prompt=ids, max_tokens=0, echo=True, logprobs=1
+    )
+    (choice,) = completion.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
+    expected = eager_log_softmax(reference, ids)[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(np.array(lp.token_logprobs[1:], float), expected, atol=1e-4)
+    assert "".join(lp.tokens or []) == PROMPT
+    assert completion.usage is not None and completion.usage.completion_tokens == 0
+
+
+def test_openai_client_batched_token_id_prompts_as_harnesses_send_them(
+    oai: openai.OpenAI, eager: Callable[[str], EagerReference]
+) -> None:
+    reference = eager("ali")
+    prompts = [reference.token_ids(PROMPT), reference.token_ids("import os\n"), [7, 8, 9]]
+    batch = oai.completions.create(
+        model="ali", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    for ids, choice in zip(prompts, batch.choices, strict=True):
+        alone = oai.completions.create(
+            model="ali", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0
+        ).choices[0]
+        assert choice.text == alone.text
+        assert choice.logprobs is not None and alone.logprobs is not None
+        assert len(choice.logprobs.tokens or []) == len(ids) + 1
+        np.testing.assert_allclose(
+            np.array(choice.logprobs.token_logprobs[1:], float),  # type: ignore[index]
+            np.array(alone.logprobs.token_logprobs[1:], float),  # type: ignore[index]
+            atol=1e-5,
+        )
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(len(ids) for ids in prompts)
+    texts = oai.completions.create(model="ali", prompt=["a", "b"], max_tokens=2, n=2, seed=1)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+
+
+def test_openai_client_n_3_is_reproducible_per_choice(oai: openai.OpenAI) -> None:
+    first = oai.completions.create(model="ali", prompt=PROMPT, max_tokens=6, n=3, seed=9)
+    again = oai.completions.create(model="ali", prompt=PROMPT, max_tokens=6, n=3, seed=9)
+    single = oai.completions.create(model="ali", prompt=PROMPT, max_tokens=6, seed=9)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text == single.choices[0].text
+    assert len({c.text for c in first.choices}) > 1
+    best = oai.completions.create(
+        model="ali", prompt=PROMPT, max_tokens=6, n=1, best_of=3, seed=9, logprobs=0
+    )
+    scored = oai.completions.create(
+        model="ali", prompt=PROMPT, max_tokens=6, n=3, seed=9, logprobs=0
+    )
+    totals = [sum(c.logprobs.token_logprobs or []) for c in scored.choices if c.logprobs]
+    assert best.choices[0].text == scored.choices[int(np.argmax(totals))].text
+
+
+def test_openai_client_streams_logprobs(oai: openai.OpenAI) -> None:
+    body: dict[str, Any] = {"model": "ali", "prompt": PROMPT, "max_tokens": 6, "seed": 5,
+                            "logprobs": 1}  # fmt: skip
+    whole = oai.completions.create(**body).choices[0]
+    chunks = list(oai.completions.create(**body, stream=True))
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    offsets: list[int] = []
+    for chunk in chunks:
+        lp = chunk.choices[0].logprobs
+        assert lp is not None
+        tokens += lp.tokens or []
+        logprobs += lp.token_logprobs or []
+        offsets += lp.text_offset or []
+    assert whole.logprobs is not None
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    np.testing.assert_allclose(logprobs, whole.logprobs.token_logprobs or [], atol=1e-6)
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
 
 
 # ----------------------------------------------------------------------------- disconnects

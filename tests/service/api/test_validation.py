@@ -142,13 +142,26 @@ def test_schema_states_the_refused_parameters(client: TestClient) -> None:
     props = client.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"][
         "properties"
     ]
-    assert props["n"]["const"] == 1
-    assert props["logprobs"]["type"] == "null" and props["suffix"]["type"] == "null"
-    assert props["echo"]["const"] is False
+    assert props["suffix"]["type"] == "null"
     assert props["presence_penalty"]["const"] == 0 == props["frequency_penalty"]["const"]
     assert {"type": "object", "maxProperties": 0} in props["logit_bias"]["anyOf"]
-    for name in ("n", "logprobs", "echo", "best_of", "suffix", "logit_bias"):
+    for name in ("suffix", "presence_penalty", "frequency_penalty", "logit_bias"):
         assert "unsupported_parameter" in props[name]["description"], name
+
+
+def test_schema_states_the_batch_choice_and_logprob_limits(client: TestClient) -> None:
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    props = schemas["CompletionRequest"]["properties"]
+    batches = [b for b in props["prompt"]["anyOf"] if "maxItems" in b]
+    assert len(batches) == 2  # a list of texts and a list of token-id lists
+    assert {b["maxItems"] for b in batches} == {settings.max_completion_prompts}
+    assert props["n"]["maximum"] == settings.max_completion_choices
+    assert props["best_of"]["anyOf"][0]["maximum"] == settings.max_completion_choices
+    assert props["max_tokens"]["minimum"] == 0  # 0 with echo: scoring
+    for component in ("CompletionRequest", "GenerateRequest"):
+        logprobs = schemas[component]["properties"]["logprobs"]["anyOf"][0]
+        assert (logprobs["minimum"], logprobs["maximum"]) == (0, settings.max_logprobs)
 
 
 # ----------------------------------------------------------------------------- settings bounds

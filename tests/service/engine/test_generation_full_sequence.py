@@ -147,3 +147,38 @@ def test_rows_of_different_lengths_never_share_a_pass(
     assert together[1].text == alone.text
     # The three prompts differ in length, so no forward pass mixed lengths or padded a row.
     assert max(c.input_shape[0] for c in probe.calls) == 1
+
+
+def test_prompt_logprobs_and_choices_in_full_sequence_mode(
+    reformer: tuple[LoadedModel, EagerReference],
+) -> None:
+    """The first full pass covers the whole prompt, so its logits score it (the same rule as
+    chunked prefill); n choices are independent rows here, seeded per choice."""
+    model, reference = reformer
+    ids = reference.token_ids(PROMPT)
+
+    async def main() -> tuple[GenerationResult, list[GenerationResult]]:
+        engine = GenerationEngine(model, Settings(drain_timeout_seconds=5.0), Metrics())
+        await engine.start()
+        try:
+            scored = await (
+                await engine.submit(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=1))
+            ).collect()
+            (group,) = await engine.submit_many([ids], SamplingParams(4, seed=3), choices=2)
+            choices = await asyncio.gather(*(s.collect() for s in group))
+            return scored, list(choices)
+        finally:
+            await engine.stop()
+
+    scored, choices = run(main())
+    assert scored.prompt is not None and scored.prompt.logprobs is not None
+    with torch.no_grad():
+        x = torch.tensor([ids], dtype=torch.long)
+        logits = reference.ckpt.model(x, torch.ones_like(x))[0][0].double()
+    expected = torch.log_softmax(logits, -1).numpy()[np.arange(len(ids) - 1), ids[1:]]
+    served = [s.logprob for s in scored.prompt.logprobs]
+    assert served[0] is None
+    np.testing.assert_allclose(np.array(served[1:], float), expected, atol=1e-4)
+    (alone,) = run(generate_all(model, [(PROMPT, SamplingParams(4, seed=3))]))
+    assert choices[0].token_ids == alone.token_ids  # choice 0 draws from the seed itself
+    assert all(c.completion_tokens == 4 for c in choices)

@@ -102,7 +102,9 @@ def test_same_seed_same_tokens_different_seed_different_tokens() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"max_new_tokens": 0},
+        {"max_new_tokens": -1},  # 0 is allowed: prefill only (prompt scoring)
+        {"max_new_tokens": 1, "logprobs": -1},
+        {"max_new_tokens": 1, "prompt_logprobs": -1},
         {"max_new_tokens": 1, "temperature": -0.1},
         {"max_new_tokens": 1, "temperature": float("nan")},
         {"max_new_tokens": 1, "top_k": -1},
