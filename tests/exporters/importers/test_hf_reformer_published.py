@@ -239,9 +239,6 @@ def crime_store(crime: dict[str, Any]) -> Path:
     return store
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
 def test_exported_graph_equals_transformers(crime: dict[str, Any], crime_store: Path) -> None:
     from model_store import ModelRepository
@@ -268,9 +265,6 @@ def client(crime_store: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
 def test_served_completion_is_the_references_greedy_text(
     client: TestClient, crime: dict[str, Any]
@@ -293,9 +287,6 @@ def test_served_completion_is_the_references_greedy_text(
     assert data["choices"][0]["text"] == tokenizer.decode(expected)
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
 def test_served_encode_pools_the_hidden_states(client: TestClient, crime: dict[str, Any]) -> None:
     prompt = _text(200_000)[170_000:172_000]
