@@ -224,6 +224,11 @@ def test_sentencepiece_ids_are_sentencepieces(crime: dict[str, Any], spiece: Pat
     assert hf(text.strip())["input_ids"] == expected
 
 
+# The first test of the store pays for two dynamo exports of the six-layer model with parity at
+# 4096 tokens: over pytest's 600 s on two shared cores.
+STORE_TIMEOUT_S = 2400
+
+
 @pytest.fixture(scope="module")
 def crime_store(crime: dict[str, Any]) -> Path:
     """Published twice at 4096 positions: as the LM it is, and as an encoder of its hidden
@@ -240,6 +245,7 @@ def crime_store(crime: dict[str, Any]) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_exported_graph_equals_transformers(crime: dict[str, Any], crime_store: Path) -> None:
     from model_store import ModelRepository
 
@@ -266,6 +272,7 @@ def client(crime_store: Path) -> Iterator[TestClient]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_served_completion_is_the_references_greedy_text(
     client: TestClient, crime: dict[str, Any]
 ) -> None:
@@ -288,6 +295,7 @@ def test_served_completion_is_the_references_greedy_text(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_served_encode_pools_the_hidden_states(client: TestClient, crime: dict[str, Any]) -> None:
     prompt = _text(200_000)[170_000:172_000]
     response = client.post(
