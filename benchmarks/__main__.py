@@ -9,7 +9,8 @@ docs/benchmarks.md and plots (``make bench`` runs both).
 Sections run in this order because later ones use earlier results: serving and generation
 serve the CPU default path that the backends section chose (``--path`` overrides it). The
 engine section (continuous batching in process, on the ALiBi demo model) and the step section
-(decode-step roofline and breakdown, benchmarks/decode_step.py) stand alone.
+(decode-step roofline and breakdown, benchmarks/decode_step.py) and the prefix section (a long
+shared document, benchmarks/prefix_cache.py) stand alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from benchmarks.common import (
     write_json,
 )
 
-SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step")
+SECTIONS = ("scaling", "backends", "serving", "generation", "engine", "step", "prefix")
 
 
 def _path(value: str) -> tuple[str, str]:
@@ -68,6 +69,10 @@ def _run_section(
         from benchmarks import generation
 
         return generation.section(quick, threads, work / "engine", log)
+    if section == "prefix":
+        from benchmarks import prefix_cache
+
+        return prefix_cache.section(quick, threads, work / "prefix", log)
     if section == "step":
         from benchmarks import decode_step
 

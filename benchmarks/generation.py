@@ -285,11 +285,10 @@ def context_limit(plan: Plan) -> int:
     return max(plan.long_prompt + 1, max(plan.contexts) + plan.context_new)
 
 
-def section(
-    quick: bool, threads: int, workdir: Path, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """``make bench``'s engine section: the ALiBi demo model, exported fp32 ONNX into a scratch
-    store (``checkpoints/alibi`` from ``make models`` when present, else trained here, ~2 min)."""
+def demo_store(workdir: Path, log: Callable[[str], None] = print) -> tuple[Path, str, str]:
+    """The ALiBi demo model exported fp32 ONNX into ``workdir``/store as ``alibi-demo``
+    (``checkpoints/alibi`` from ``make models`` when present, else trained here, ~2 min);
+    returns the store, the checkpoint used and the export's parity summary."""
     from exporters.export import ExportRequest, export
     from exporters.training import train
 
@@ -309,6 +308,15 @@ def section(
         )
     )
     log(f"  exported {checkpoint} in {time.perf_counter() - started:.0f} s: {exported.summary()}")
+    shown = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
+    return store, str(shown), exported.report.summary()
+
+
+def section(
+    quick: bool, threads: int, workdir: Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``make bench``'s engine section: the ALiBi demo model (:func:`demo_store`)."""
+    store, checkpoint, parity = demo_store(workdir, log)
     plan = QUICK if quick else Plan()
     args = argparse.Namespace(
         store=store,
@@ -320,9 +328,8 @@ def section(
         context_limit=context_limit(plan),
     )
     results = asyncio.run(run(args))
-    shown = checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT) else checkpoint
-    results["checkpoint"] = str(shown)
-    results["parity"] = exported.report.summary()
+    results["checkpoint"] = checkpoint
+    results["parity"] = parity
     return results
 
 

@@ -31,6 +31,21 @@ class LoadResult:
     tokens: int = 0  # input tokens of the successful requests (as the client counted them)
     elapsed_s: float = 0.0
 
+    def merge(self, other: LoadResult) -> LoadResult:
+        """This result and ``other`` (another round at the same concurrency) as one."""
+        errors = dict(self.errors)
+        for key, n in other.errors.items():
+            errors[key] = errors.get(key, 0) + n
+        return LoadResult(
+            self.concurrency,
+            self.sent + other.sent,
+            self.ok + other.ok,
+            errors,
+            [*self.latencies_s, *other.latencies_s],
+            self.tokens + other.tokens,
+            self.elapsed_s + other.elapsed_s,
+        )
+
     def summary(self) -> dict[str, Any]:
         return {
             "concurrency": self.concurrency,

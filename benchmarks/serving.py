@@ -54,7 +54,7 @@ class ServingPlan:
     arch: str
     concurrencies: tuple[int, ...]
     max_requests: int  # per level and server
-    max_seconds: float  # per level and server
+    max_seconds: float  # per level and server, split over ``rounds``
     min_tokens: int  # request lengths are log-uniform in [min_tokens, max_tokens]
     max_tokens: int
     n_bodies: int
@@ -64,6 +64,10 @@ class ServingPlan:
     with_two_models: bool = True  # the encoder + a decoder in one process, loaded at once
     generate_clients: int = 2  # closed-loop generate clients beside each encode level
     generate_tokens: int = 32  # max_new_tokens per generate request (greedy)
+    # Each level is measured in this many rounds, servers taking turns within every round, so
+    # drifting background load hits all of them alike (one 15 s turn each let a load change
+    # between turns move a ratio by 10% or more).
+    rounds: int = 3
 
 
 def plan(quick: bool) -> ServingPlan:
@@ -155,6 +159,8 @@ def reuse(ckpt: Path, store: Path, name: str, fmt: str, precision: str) -> dict[
     from exporters.checkpoint import directory_sha256
     from model_store import ModelRepository
 
+    if not store.is_dir():  # a fresh clone: nothing exported yet
+        return None
     repo = ModelRepository(store)
     if name not in repo.list_models():
         return None
@@ -211,8 +217,10 @@ def request_bodies(ckpt: Path, p: ServingPlan) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------- metrics
 
 
-def scrape(base_url: str) -> dict[str, float]:
-    """Longhaul's batch histograms summed over models: {metric_sum/count: value}."""
+def scrape(base_url: str, model: str | None = None) -> dict[str, float]:
+    """Longhaul's batch histograms of ``model`` (summed over models when None):
+    {metric_sum/count: value}. With two models served, the decoder's steps are batches too,
+    so the encoder's figures must be picked by label."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     values: dict[str, float] = {}
     wanted = (
@@ -225,6 +233,8 @@ def scrape(base_url: str) -> dict[str, float]:
         if family.name not in wanted:
             continue
         for sample in family.samples:
+            if model is not None and sample.labels.get("model") not in (None, model):
+                continue
             if sample.name.endswith(("_sum", "_count")):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
@@ -340,45 +350,96 @@ def _calibration(target: Target) -> dict[str, Any] | None:
     return {c["id"]: {"threads": c.get("threads"), "batching": c.get("batching")} for c in cards}
 
 
-def _encode_row(
+@dataclass
+class _Level:
+    """One server's measurements at one concurrency, accumulated over the rounds."""
+
+    load: LoadResult | None = None
+    side: LoadResult | None = None
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    before: dict[str, Any] | None = None  # /metrics before the first round
+
+    def add(self, load: LoadResult, side: LoadResult | None) -> None:
+        self.load = load if self.load is None else self.load.merge(load)
+        if side is not None:
+            self.side = side if self.side is None else self.side.merge(side)
+
+
+def _encode_round(
     target: Target,
     proc: subprocess.Popen[bytes],
     bodies: list[tuple[str, int]],
     c: int,
     p: ServingPlan,
-    side_load: Callable[[], Coroutine[Any, Any, LoadResult]] | None = None,
-) -> dict[str, Any]:
-    """One level: c closed-loop encode clients (and, with ``side_load``, generate clients at
-    the same time); throughput, latency, CPU seconds and Longhaul's batch metrics."""
+    level: _Level,
+    side_load: Callable[[float], Coroutine[Any, Any, LoadResult]] | None = None,
+) -> None:
+    """One round of one level: c closed-loop encode clients (and, with ``side_load``, generate
+    clients at the same time) for max_seconds / rounds, added to ``level``."""
     payload = [({"model": target.model, "inputs": t}, n) for t, n in bodies]
-    before = scrape(target.base_url) if target.longhaul else {}
+    if level.before is None:
+        level.before = scrape(target.base_url, target.model) if target.longhaul else {}
+    seconds = p.max_seconds / p.rounds
+    requests = max(1, p.max_requests // p.rounds)
     # CPU seconds of the server and of this (load generator) process: on 2 shared cores the
     # client's own cost is part of the picture.
     server_cpu, client_cpu = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
 
     async def both() -> tuple[LoadResult, LoadResult | None]:
-        encode = run_load(f"{target.base_url}/v1/encode", payload, c, p.max_requests, p.max_seconds)
+        encode = run_load(f"{target.base_url}/v1/encode", payload, c, requests, seconds)
         if side_load is None:
             return await encode, None
-        done = await asyncio.gather(encode, side_load())
+        done = await asyncio.gather(encode, side_load(seconds))
         return done[0], done[1]
 
     load, side = asyncio.run(both())
-    row = load.summary()
-    row["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu, 2)
-    row["client_cpu_s"] = round(cpu_seconds(os.getpid()) - client_cpu, 2)
+    level.add(load, side)
+    level.server_cpu_s += cpu_seconds(proc.pid) - server_cpu
+    level.client_cpu_s += cpu_seconds(os.getpid()) - client_cpu
+
+
+def _level_row(target: Target, level: _Level) -> dict[str, Any]:
+    """Throughput, latency, CPU seconds and Longhaul's batch metrics of one server's level."""
+    assert level.load is not None
+    row = level.load.summary()
+    row["server_cpu_s"] = round(level.server_cpu_s, 2)
+    row["client_cpu_s"] = round(level.client_cpu_s, 2)
     if target.longhaul:
-        after = scrape(target.base_url)
+        after, before = scrape(target.base_url, target.model), level.before or {}
         row["padding_ratio"] = _mean(after, before, "longhaul_batch_padding_ratio")
         row["mean_batch_size"] = _mean(after, before, "longhaul_batch_size")
         row["mean_queue_s"] = _mean(after, before, "longhaul_queue_duration_seconds")
         row["inference_s"] = _sum(after, before, "longhaul_inference_duration_seconds")
-    if side is not None:
-        summary = side.summary()
+    if level.side is not None:
+        summary = level.side.summary()
         row["generate"] = {
             k: summary[k] for k in ("ok", "requests_per_s", "tokens_per_s", "p50_s", "p99_s")
         } | {"errors": summary["errors"]}
     return row
+
+
+def _measure_levels(
+    targets: list[Target],
+    procs: list[subprocess.Popen[bytes]],
+    bodies: list[tuple[str, int]],
+    p: ServingPlan,
+    results: dict[str, list[dict[str, Any]]],
+    log: Callable[[str], None],
+    side_load: Callable[[Target], Callable[[float], Coroutine[Any, Any, LoadResult]]] | None = None,
+) -> None:
+    """Every level in ``p.rounds`` rounds; within a round each server takes its turn."""
+    for c in p.concurrencies:
+        levels = [_Level() for _ in targets]
+        for _ in range(p.rounds):
+            for target, proc, level in zip(targets, procs, levels, strict=True):
+                side = side_load(target) if side_load else None
+                _encode_round(target, proc, bodies, c, p, level, side)
+        for target, level in zip(targets, levels, strict=True):
+            row = _level_row(target, level)
+            row["rounds"] = p.rounds
+            results[target.label].append(row)
+            _log_row(log, c, target.label, row)
 
 
 def _log_row(log: Callable[[str], None], c: int, label: str, row: dict[str, Any]) -> None:
@@ -462,10 +523,7 @@ def run(
             calibration[target.label] = _calibration(target)
             warm = [({"model": target.model, "inputs": t}, n) for t, n in bodies[:16]]
             asyncio.run(run_load(f"{target.base_url}/v1/encode", warm, 4, 16, 60))
-        for c in p.concurrencies:
-            for target, proc in zip(targets, procs, strict=True):
-                results[target.label].append(row := _encode_row(target, proc, bodies, c, p))
-                _log_row(log, c, target.label, row)
+        _measure_levels(targets, procs, bodies, p, results, log)
 
     write_json(workdir / "single-model.json", {"servers": results, "calibration": calibration})
     two_models: dict[str, list[dict[str, Any]]] = {}
@@ -494,17 +552,17 @@ def run(
                 calibration[target.label] = _calibration(target)
                 warm = [({"model": target.model, "inputs": t}, n) for t, n in bodies[:16]]
                 asyncio.run(run_load(f"{target.base_url}/v1/encode", warm, 4, 16, 60))
-            for c in p.concurrencies:
-                for target, proc in zip(pair, procs, strict=True):
-                    url = f"{target.base_url}/v1/generate"
 
-                    def side(url: str = url) -> Coroutine[Any, Any, LoadResult]:
-                        # Bounded by time like the encode side (request count is not the limit).
-                        return run_load(url, generate, p.generate_clients, 10**6, p.max_seconds)
+            def side(target: Target) -> Callable[[float], Coroutine[Any, Any, LoadResult]]:
+                url = f"{target.base_url}/v1/generate"
 
-                    row = _encode_row(target, proc, bodies, c, p, side)
-                    two_models[target.label].append(row)
-                    _log_row(log, c, target.label, row)
+                def load(seconds: float) -> Coroutine[Any, Any, LoadResult]:
+                    # Bounded by time like the encode side (request count is not the limit).
+                    return run_load(url, generate, p.generate_clients, 10**6, seconds)
+
+                return load
+
+            _measure_levels(pair, procs, bodies, p, two_models, log, side)
     from service.settings import Settings
 
     defaults = Settings()

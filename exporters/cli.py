@@ -121,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint, verify parity, publish to a store")
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument(
+        "--format",
+        choices=("onnx", "torchscript"),
+        default="onnx",
+        help="onnx (default): with --precision auto, the fastest accurate CPU path measured in "
+        "docs/benchmarks.md section 2",
+    )
     p.add_argument("--store", type=Path, required=True, help="model store root")
     p.add_argument("--name", required=True, help="model name in the store, e.g. alibi-demo")
     p.add_argument("--version", type=int, default=None, help="default: next free version")

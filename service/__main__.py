@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from model_store import StoreNotFoundError
 from service.app import create_app
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     except StoreNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # The service writes its own access line per request (service/api/logs.py); in JSON mode
+    # uvicorn's loggers keep no handlers of their own and go through the service's JSON root.
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        access_log=False, log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
+    )  # fmt: skip
     return 0
 
 

@@ -15,8 +15,12 @@ from fastapi import FastAPI
 
 from model_store import ModelRepository
 from service import __version__
-from service.api import embeddings, encode, errors, generate, health, models, openapi
-from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api import embeddings, encode, errors, generate, health, logs, models, openapi
+from service.api.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+)
 from service.engine.registry import ModelRegistry, parse_model_spec
 from service.metrics import Metrics
 from service.settings import Settings
@@ -26,11 +30,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    logs.configure(settings.log_level, settings.log_format)
     repo = ModelRepository(settings.store)  # fails fast on a missing store
     metrics = Metrics()
     registry = ModelRegistry(repo, settings, metrics)
@@ -70,4 +70,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         MetricsMiddleware, metrics=metrics, is_known_model=registry.known, routes=routes
     )
+    # Outermost: every answer, the body limit's 413 included, carries the request id.
+    app.add_middleware(RequestContextMiddleware, routes=routes)
     return app

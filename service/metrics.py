@@ -88,6 +88,18 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.model_failures = Counter(
+            PREFIX + "model_failures",
+            "Requests that failed inside the model (backend errors, not bad input)",
+            ["model"],
+            registry=r,
+        )
+        self.model_healthy = Gauge(
+            PREFIX + "model_healthy",
+            "1 while the model serves, 0 once its recent requests all failed",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             PREFIX + "model_info", "Loaded model versions (value 1)",
             ["model", "version", "architecture", "format", "precision", "provider"], registry=r,
@@ -110,6 +122,40 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prefix_cache_lookups = Counter(
+            PREFIX + "prefix_cache_lookups",
+            "Generation prompts looked up in the prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_lookup_tokens = Counter(
+            PREFIX + "prefix_cache_lookup_tokens",
+            "Prompt tokens of the prompts looked up in the prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            PREFIX + "prefix_cache_hit_tokens",
+            "Prompt tokens whose KV entries came from the prefix cache instead of a prefill",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_evictions = Counter(
+            PREFIX + "prefix_cache_evicted_blocks",
+            "Prefix-cache blocks evicted (least recently used) to make room",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            PREFIX + "prefix_cache_bytes",
+            "Bytes of KV entries held by the prefix cache (beside kv_cache_bytes)",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            PREFIX + "prefix_cache_blocks", "Blocks held by the prefix cache", ["model"],
+            registry=r,
+        )  # fmt: skip
         self.batch_time_coefficient = Gauge(
             PREFIX + "batch_time_coefficient",
             "Encode batch time model: seconds per unit of each term (fixed, per_sequence, "
@@ -170,12 +216,32 @@ class Metrics:
     def reject(self, model: str, reason: str) -> None:
         self.requests_rejected.labels(model, reason).inc()
 
+    def observe_model_outcome(self, model: str, ok: bool, healthy: bool) -> None:
+        if not ok:
+            self.model_failures.labels(model).inc()
+        self.model_healthy.labels(model).set(1 if healthy else 0)
+
     def set_generation_state(
         self, model: str, running: int, waiting: int, kv_cache_bytes: int
     ) -> None:
         self.running_sequences.labels(model).set(running)
         self.waiting_sequences.labels(model).set(waiting)
         self.kv_cache_bytes.labels(model).set(kv_cache_bytes)
+
+    def observe_prefix_lookup(self, model: str, prompt_tokens: int, hit_tokens: int) -> None:
+        """``prompt_tokens`` > 0: a prompt's first lookup; ``hit_tokens`` reused by any lookup."""
+        if prompt_tokens:
+            self.prefix_cache_lookups.labels(model).inc()
+            self.prefix_cache_lookup_tokens.labels(model).inc(prompt_tokens)
+        if hit_tokens:
+            self.prefix_cache_hit_tokens.labels(model).inc(hit_tokens)
+
+    def set_prefix_cache(self, model: str, nbytes: int, blocks: int, evicted: int) -> None:
+        """The cache's size now; ``evicted``: blocks evicted since the last report."""
+        self.prefix_cache_bytes.labels(model).set(nbytes)
+        self.prefix_cache_blocks.labels(model).set(blocks)
+        if evicted:
+            self.prefix_cache_evictions.labels(model).inc(evicted)
 
     def set_model_info(
         self, model: str, version: int, architecture: str, fmt: str, precision: str, provider: str
@@ -184,6 +250,7 @@ class Metrics:
         # batch time model of the same load may already be set).
         self._remove_model_info(model)
         self.model_info.labels(model, str(version), architecture, fmt, precision, provider).set(1)
+        self.model_healthy.labels(model).set(1)  # a version is served once it answered warm-up
 
     def set_batch_time_model(
         self, model: str, source: str, coefficients: dict[str, float], seconds: float
@@ -197,6 +264,9 @@ class Metrics:
         self._remove_model_info(model)
         self._remove_labelled(self.batch_time_coefficient, model)
         self._remove_labelled(self.calibration_duration, model)
+        self._remove_labelled(self.model_healthy, model)
+        self._remove_labelled(self.prefix_cache_bytes, model)
+        self._remove_labelled(self.prefix_cache_blocks, model)
 
     @staticmethod
     def _remove_labelled(gauge: Gauge, model: str) -> None:

@@ -92,6 +92,25 @@ class Settings(BaseSettings):
     max_waiting_sequences: int = Field(
         default=256, ge=1, description="generation queue limit; beyond it 429"
     )
+    # Automatic prefix caching (service/engine/prefix_cache.py; README, "Prefix caching").
+    prefix_cache: bool = Field(
+        default=True,
+        description="kv_cache decoders: keep completed prompts' KV entries in token blocks and "
+        "reuse the longest cached prefix of a new prompt instead of prefilling it again",
+    )
+    prefix_cache_bytes: int = Field(
+        default=1024**3,
+        ge=0,
+        description="prefix cache bound per model, bytes, beside kv_cache_bytes (entries are "
+        "copied into each sequence's own cache); least recently used blocks are evicted",
+    )
+    prefix_cache_block_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="tokens per prefix-cache block: the unit of storage and eviction (a match "
+        "may end inside a block)",
+    )
 
     # Runtime.
     thread_budget: int = Field(
@@ -130,6 +149,13 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="on reload/unload, how long the old version may finish requests in flight",
+    )
+
+    # Reliability: request identity, logs (service/api/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: 'time level logger: message' lines; json: one JSON object per line "
+        "(request id, route, model, status, tokens, queue and total time on access lines)",
     )
 
     def threads_per_model(self, models: int) -> int:

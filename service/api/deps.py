@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.errors import ApiError
-from service.engine.registry import ModelRegistry
+from service.engine.registry import ModelRegistry, ServedModel
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -82,3 +82,13 @@ def require_admin_key(request: Request, settings: AppSettings) -> None:
 
 ApiKey = Depends(require_api_key)
 AdminKey = Depends(require_admin_key)
+
+
+def record_outcome(metrics: Metrics, served: ServedModel, error: BaseException | None) -> None:
+    """A request finished inside the model (``error`` None) or failed there (a backend error,
+    never bad input): keeps the model's health and its metrics current."""
+    if error is None:
+        served.record_success()
+    else:
+        served.record_failure(f"{type(error).__name__}: {error}")
+    metrics.observe_model_outcome(served.name, error is None, served.healthy)

@@ -1,9 +1,10 @@
 """The one place errors become HTTP: wire schema, :class:`ApiError`, and every exception handler.
 
 Every error answer has the OpenAI shape ``{"error": {"type", "message", "param", "code"}}`` so the
-official client raises the right exception class. Engine errors (service/engine/errors.py) map
-through :data:`ENGINE_ERRORS`; anything unexpected is logged with a traceback and answered with a
-500 that names an error id but never the exception text.
+official client raises the right exception class, plus ``request_id`` (the ``X-Request-Id`` of the
+answer, service/api/logs.py) so a failed request can be found in the server's log. Engine errors
+(service/engine/errors.py) map through :func:`engine_error_to_api`; anything unexpected is logged
+with a traceback and answered with a 500 that names the request id but never the exception text.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.errors import (
@@ -54,6 +55,7 @@ class ErrorDetail(BaseModel):
     message: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = Field(None, description="the X-Request-Id of this answer")
 
 
 class ErrorResponse(BaseModel):
@@ -80,20 +82,29 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(
-            error=ErrorDetail(
-                type=self.type, message=self.message, param=self.param, code=self.code
-            )
+    def detail(self, request_id: str | None = None) -> dict[str, Any]:
+        return ErrorDetail(
+            type=self.type, message=self.message, param=self.param, code=self.code,
+            request_id=request_id,
+        ).model_dump()  # fmt: skip
+
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            {"error": self.detail(request_id)}, status_code=self.status, headers=self.headers
         )
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 def error_response(
     status: int, message: str, code: str | None = None, param: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, request_id: str | None = None,
 ) -> JSONResponse:  # fmt: skip
-    return ApiError(status, message, code=code, param=param, headers=headers).response()
+    return ApiError(status, message, code=code, param=param, headers=headers).response(request_id)
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id RequestContextMiddleware gave this request (None in apps built without it)."""
+    request_id = getattr(request.state, "request_id", None)
+    return request_id if isinstance(request_id, str) else None
 
 
 def _describe(status: int, text: str) -> dict[str, Any]:
@@ -189,17 +200,17 @@ def _validation(exc: RequestValidationError) -> ApiError:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return exc.response()
+    return exc.response(request_id_of(request))
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
-    return engine_error_to_api(exc).response()
+    return engine_error_to_api(exc).response(request_id_of(request))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _validation(exc).response()
+    return _validation(exc).response(request_id_of(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -217,13 +228,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         code = "method_not_allowed"
     else:
         message, code = str(exc.detail), None
-    return ApiError(status, message, code=code, headers=dict(exc.headers or {})).response()
+    error = ApiError(status, message, code=code, headers=dict(exc.headers or {}))
+    return error.response(request_id_of(request))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    error_id = uuid.uuid4().hex[:12]
-    log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
-    return ApiError(500, f"internal server error (id {error_id})", code="internal_error").response()
+    # The request id ties the answer to this log line (the record carries it too).
+    request_id = request_id_of(request) or uuid.uuid4().hex
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path,
+                  request_id)  # fmt: skip
+    # Starlette answers this one outside every middleware: the header is set here.
+    return ApiError(500, f"internal server error (request id {request_id})", code="internal_error",
+                    headers={"X-Request-Id": request_id}).response(request_id)  # fmt: skip
 
 
 def install(app: FastAPI) -> None:

@@ -19,11 +19,21 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready", responses={503: {"description": "still loading, or nothing servable"}})
 async def ready(registry: Registry) -> JSONResponse:
-    """200 once start-up loading is done and at least one model answered its warm-up."""
+    """200 once start-up loading is done and at least one served model is healthy; ``details``
+    says, per model, whether it is (README, "Readiness with several models")."""
     body = {
         "status": "ready" if registry.ready else "not_ready",
         "models": {served.name: served.version for served in registry.models()},
         "loading": not registry.started,
+        "details": {
+            served.name: {
+                "version": served.version,
+                "status": "healthy" if served.healthy else "unhealthy",
+                "consecutive_failures": served.consecutive_failures,
+                "last_error": served.last_error,
+            }
+            for served in registry.models()
+        },
     }
     return JSONResponse(body, status_code=200 if registry.ready else 503)
 

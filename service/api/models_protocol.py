@@ -36,6 +36,9 @@ class ModelCard(BaseModel):
         description="encode models: the batch time model calibrated at warm-up (source "
         "measured or architecture, coefficients in seconds, the timed shapes, fit error)",
     )
+    status: Literal["healthy", "unhealthy"] = Field(
+        description="unhealthy once the model's recent requests all failed inside it"
+    )
 
 
 class ModelList(BaseModel):
@@ -72,6 +75,7 @@ def card(served: ServedModel) -> ModelCard:
         threads=served.loaded.threads,
         batching=batching(served),
         fallback=served.loaded.backend.fallback,
+        status="healthy" if served.healthy else "unhealthy",
     )
 
 

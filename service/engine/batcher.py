@@ -15,6 +15,8 @@ Policy ``throughput`` (the default, ``settings.batch_policy``), run whenever the
 * predictions come from a :class:`~service.engine.cost.BatchTimeModel` fitted at warm-up to
   timings of this model on this hardware (the architecture's cost function alone when nothing
   could be timed); on CPUs it mostly picks small batches of similar length, on GPUs large ones;
+  a batch of several rows must beat the oldest alone by more than the fit's own relative error
+  on its warm-up samples, so timings too noisy to predict a gain run one row at a time;
 * the worker holds a batch back only when the model predicts that waiting for the next arrival
   (expected from the gaps between recent overlapping arrivals) and running both together
   finishes sooner than running now and the newcomer after (:func:`wait_pays`), and never longer
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +80,7 @@ class Sequence:
     future: asyncio.Future[np.ndarray]
     request: _Request
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # perf_counter when its batch was dispatched
 
     @property
     def length(self) -> int:
@@ -146,10 +150,16 @@ def choose_batch(
     model: BatchTimeModel,
     budget: float,
     max_batch_size: int,
+    margin: float = 0.0,
 ) -> list[Sequence]:
     """The batch with the most predicted real tokens per second among all batches that hold
     the oldest sequence (``pending[0]``), have at most ``max_batch_size`` rows and fit
     ``budget`` (the oldest alone always fits). Ties go to the larger batch (fewer passes).
+
+    A batch of more than one row must beat the oldest alone by more than ``margin`` (the
+    relative error of the model's own fit): a gain smaller than the model's error is not a
+    prediction, and on a CPU where batching buys little, noisy warm-up timings would otherwise
+    make padding look worth it.
 
     Exact, not greedy: for a given row count b and longest row (padded width), the most real
     tokens come from the oldest plus the b-1 longest others that are not longer, which is a
@@ -180,6 +190,8 @@ def choose_batch(
     allowed = (sizes <= his + 1) & ((sizes == 1) | (sizes * attention <= budget))
     score = np.where(allowed, real / np.maximum(seconds, 1e-30), -np.inf)
     best = score.max()
+    if best < score[0, 0] * (1 + margin):  # row 0, size 1: the oldest alone
+        return [pending[0]]
     near = np.argwhere(score >= best * (1 - 1e-9))
     # Largest b first, then the narrowest width.
     row, col = min(near.tolist(), key=lambda rc: (-rc[1], rc[0]))
@@ -192,15 +204,20 @@ def choose_batch(
 
 
 def wait_pays(
-    model: BatchTimeModel, batch: list[Sequence], expected_gap: float, expected_length: int
+    model: BatchTimeModel,
+    batch: list[Sequence],
+    expected_gap: float,
+    expected_length: int,
+    margin: float = 0.0,
 ) -> bool:
     """Is waiting ``expected_gap`` seconds for one more sequence of ``expected_length`` tokens,
     then running it with ``batch``, predicted to finish both sooner than running ``batch`` now
-    and the newcomer after it? Only a per-pass cost larger than the gap makes it so."""
+    and the newcomer after it, by more than ``margin`` (the fit's relative error)? Only a
+    per-pass cost larger than the gap makes it so."""
     size, width = len(batch), max(seq.length for seq in batch)
     now_then_alone = model.seconds(size, width) + model.seconds(1, expected_length)
     wait_then_together = expected_gap + model.seconds(size + 1, max(width, expected_length))
-    return wait_then_together < now_then_alone
+    return wait_then_together * (1 + margin) < now_then_alone
 
 
 def run_batch(model: LoadedModel, batch: list[Sequence]) -> tuple[list[np.ndarray], float]:
@@ -333,13 +350,21 @@ class EncodeBatcher:
         # Tokenizing a long document takes milliseconds: keep it off the event loop too.
         prepared = await asyncio.to_thread(prepare, self.model, inputs, params)
         sequences = [window for item in prepared for window in item.windows]
-        vectors = await self.submit(sequences, params.pooling)
+        vectors, queue_seconds = await self._submit(sequences, params.pooling)
         if count_tokens:
             self.metrics.count_input_tokens(self.name, sum(item.prompt_tokens for item in prepared))
-        return combine(prepared, vectors, params)
+        output = combine(prepared, vectors, params)
+        return dataclasses.replace(output, queue_seconds=queue_seconds)
 
     async def submit(self, rows: list[np.ndarray], pooling: Pooling) -> list[np.ndarray]:
         """Queue token-id rows; resolve to one pooled vector (or per-token matrix) per row."""
+        vectors, _ = await self._submit(rows, pooling)
+        return vectors
+
+    async def _submit(
+        self, rows: list[np.ndarray], pooling: Pooling
+    ) -> tuple[list[np.ndarray], float]:
+        """``submit`` plus the longest time one of the rows waited for its batch, seconds."""
         if self._closing:
             raise EngineStopped(
                 f"model {self.name!r} version {self.model.version} is being unloaded"
@@ -358,7 +383,8 @@ class EncodeBatcher:
         self.metrics.set_queue_depth(self.name, self._waiting_requests)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(seq.future for seq in sequences)))
+            vectors = list(await asyncio.gather(*(seq.future for seq in sequences)))
+            return vectors, max(seq.started - seq.enqueued for seq in sequences)
         except asyncio.CancelledError:
             # The caller went away: drop its sequences that have not reached a batch yet.
             for seq in sequences:
@@ -422,8 +448,13 @@ class EncodeBatcher:
 
     async def _step_throughput(self) -> bool:
         settings = self.settings
+        margin = self.time_model.max_relative_error or 0.0
         batch = choose_batch(
-            self._pending, self.time_model, settings.batch_cost_budget, settings.max_batch_size
+            self._pending,
+            self.time_model,
+            settings.batch_cost_budget,
+            settings.max_batch_size,
+            margin,
         )
         oldest = self._pending[0]
         remaining = oldest.enqueued + settings.max_wait_ms / 1000 - time.perf_counter()
@@ -435,7 +466,7 @@ class EncodeBatcher:
             and not held_already
             and len(batch) < settings.max_batch_size
             and gap <= remaining
-            and wait_pays(self.time_model, batch, gap, max(1, round(self._mean_length)))
+            and wait_pays(self.time_model, batch, gap, max(1, round(self._mean_length)), margin)
         ):
             self._hold = (oldest, self._arrivals)
             self._wakeup.clear()
@@ -466,6 +497,8 @@ class EncodeBatcher:
         for seq in batch:
             self._taken(seq)
         now = time.perf_counter()
+        for seq in batch:
+            seq.started = now
         real = sum(seq.length for seq in batch)
         width = max(seq.length for seq in batch)
         self.metrics.observe_batch(

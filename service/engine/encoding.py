@@ -49,6 +49,7 @@ class EncodeOutput:
     prompt_tokens: int
     truncated_tokens: int
     chunks: int  # sequences run through the model (windows; 1 per unchunked input)
+    queue_seconds: float = 0.0  # the longest wait of one of its sequences for a batch
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:

@@ -189,6 +189,7 @@ class Scheduler:
         now = time.perf_counter()
         for seq in admitted:
             seq.admitted = now
+            seq.stream.queue_seconds = now - seq.arrival
             if seq.record_metrics:
                 self.metrics.count_input_tokens(self.name, len(seq.prompt))
                 self.metrics.observe_queue(self.name, now - seq.arrival)
@@ -276,8 +277,11 @@ class Scheduler:
     def _publish(self) -> None:
         """Worker: recompute the snapshot and the gauges from the worker-owned state."""
         kv, decoding = self.stepper.cache_bytes, self.stepper.decoding
+        prefix = self.stepper.prefix_cache_bytes
         with self._lock:
-            self._stats = GenerationStats(len(self._active), len(self._waiting), kv, decoding)
+            self._stats = GenerationStats(
+                len(self._active), len(self._waiting), kv, decoding, prefix
+            )
             self._report_locked()
 
     def _publish_waiting_locked(self) -> None:

@@ -14,7 +14,11 @@ model-specific state between steps and runs the forward passes. One stepper per
   (cost.prefill_chunk_limit): late chunks of a 16K prompt shrink instead of costing 32x the
   first one. A long prompt is thus spread over several steps and the decoding streams keep
   getting a token every step instead of stalling for the whole prefill. A prompt whose prefill
-  completes samples its first token and joins the decode batch for the next step.
+  completes samples its first token and joins the decode batch for the next step. With the
+  prefix cache on (prefix_cache.py), every chunk first takes what the cache holds of the
+  prompt's next tokens (other prompts' completed blocks, up to all but the last token) and
+  offers the whole blocks it completes, so a shared document is prefilled once, even by
+  prompts admitted together.
 * :class:`FullSequenceStepper` (``full_sequence`` graphs: causal Reformers with
   ``hf_compatible`` or "local" layers, whose outputs a cache could not reproduce). Nothing is
   carried between steps, so every step recomputes every sequence in full, prompt and generated
@@ -44,6 +48,7 @@ from service.engine.generation_stream import GenerationStream
 from service.engine.generation_text import TextTracker
 from service.engine.kv_cache import CacheShape, DecodeBatch, KVBudget, prefill_inputs
 from service.engine.models import LoadedModel
+from service.engine.prefix_cache import Chain, PrefixCache
 from service.engine.sampling import SamplingParams
 from service.metrics import Metrics
 from service.settings import Settings
@@ -121,6 +126,11 @@ class Stepper(Protocol):
         """Sequences past their prefill (the rows of the next decode step)."""
         ...
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache holds (0 where there is none)."""
+        ...
+
 
 def timed_forward(
     model: LoadedModel, metrics: Metrics, inputs: dict[str, np.ndarray], length: int
@@ -143,6 +153,7 @@ class _Prefill:
 
     seq: Sequence
     cache: np.ndarray  # (L, 2, 1, h, n, e): the prompt's first n tokens
+    looked_up: bool = False  # the prefix cache was asked at least once
 
     @property
     def done(self) -> int:
@@ -173,6 +184,9 @@ class KVCacheStepper:
         self.batch = DecodeBatch(self.shape)
         self._decoding: dict[int, Sequence] = {}  # the rows of ``batch``, by id
         self._prefills: list[_Prefill] = []  # admission order
+        self.prefix = prefix_cache_for(self.shape, settings)
+        self._chains: dict[int, Chain] = {}  # prefix-cache blocks each running sequence holds
+        self._evictions_reported = 0
 
     def refusal(self, prompt_tokens: int, new_tokens: int) -> str | None:
         total = prompt_tokens + new_tokens
@@ -201,6 +215,7 @@ class KVCacheStepper:
         self._prefills = [p for p in self._prefills if p.seq.id not in ids]
         for seq_id in ids:
             self._decoding.pop(seq_id, None)
+            self._release_chain(seq_id)
         self.batch.remove(ids)
 
     @property
@@ -210,6 +225,10 @@ class KVCacheStepper:
     @property
     def decoding(self) -> int:
         return len(self._decoding)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return 0 if self.prefix is None else self.prefix.nbytes
 
     def _decode(self, sink: StepSink) -> None:
         rows = [self._decoding[seq_id] for seq_id in self.batch.ids]
@@ -236,6 +255,8 @@ class KVCacheStepper:
         for prefill in list(self._prefills):
             if tokens <= 0 or pairs <= 0:
                 break
+            if self.prefix is not None:
+                self._reuse(prefill)
             n = min(prefill.remaining, tokens)
             if self.bound_pairs:
                 n = min(n, prefill_chunk_limit(prefill.done, pairs))
@@ -247,6 +268,7 @@ class KVCacheStepper:
                 outputs = timed_forward(self.model, self.metrics, inputs, start + n)
             except Exception as exc:
                 self._prefills.remove(prefill)
+                self._release_chain(seq.id)
                 sink.fail([seq], exc)
                 sink.flush()
                 continue
@@ -254,13 +276,66 @@ class KVCacheStepper:
             # The graph returns this chunk's entries only; a prompt has few chunks, so appending
             # them to the sequence's own exact-length cache copies little.
             prefill.cache = np.concatenate([prefill.cache, outputs[self.cache_output]], axis=4)
+            if self.prefix is not None:
+                self._store(prefill)
             if prefill.remaining:
                 continue
             self._prefills.remove(prefill)
-            if not sink.accept([seq], outputs["logits"][:, -1]):
+            if sink.accept([seq], outputs["logits"][:, -1]):
+                self._release_chain(seq.id)
+            else:
+                held = sum(p.cache.nbytes for p in self._prefills)  # beside the decode rows
+                self.batch.max_bytes = max(0, self.budget.capacity_bytes - held)
                 self.batch.add(seq.id, prefill.cache, seq.reserved_tokens)
                 self._decoding[seq.id] = seq
             sink.flush()
+
+    # --- prefix cache (prefix_cache.py)
+
+    def _reuse(self, prefill: _Prefill) -> None:
+        """Skip the prompt tokens after ``prefill.done`` whose entries the prefix cache holds
+        (another sequence may have computed them since the last chunk). At most all but the
+        last prompt token: its logits give the first generated token."""
+        assert self.prefix is not None
+        seq = prefill.seq
+        chain = self._chains.setdefault(seq.id, Chain())
+        found = self.prefix.extend(chain, seq.prompt, prefill.done, len(seq.prompt) - 1)
+        hit = int(found.shape[4])
+        if hit:
+            prefill.cache = np.concatenate([prefill.cache, found], axis=4)
+        looked_up = 0 if prefill.looked_up else len(seq.prompt)
+        if seq.record_metrics and (looked_up or hit):
+            self.metrics.observe_prefix_lookup(self.model.name, looked_up, hit)
+        prefill.looked_up = True
+
+    def _store(self, prefill: _Prefill) -> None:
+        """Offer the whole blocks a chunk completed to the prefix cache."""
+        assert self.prefix is not None
+        self.prefix.insert(self._chains[prefill.seq.id], prefill.seq.prompt, prefill.cache)
+        self._report_prefix()
+
+    def _release_chain(self, seq_id: int) -> None:
+        chain = self._chains.pop(seq_id, None)
+        if chain is not None and self.prefix is not None:
+            self.prefix.release(chain)
+
+    def _report_prefix(self) -> None:
+        if self.prefix is None:
+            return
+        evicted, self._evictions_reported = (
+            self.prefix.evictions - self._evictions_reported,
+            self.prefix.evictions,
+        )
+        self.metrics.set_prefix_cache(
+            self.model.name, self.prefix.nbytes, len(self.prefix), evicted
+        )
+
+
+def prefix_cache_for(shape: CacheShape, settings: Settings) -> PrefixCache | None:
+    """The model's prefix cache, or None when ``settings.prefix_cache`` is off."""
+    if not settings.prefix_cache:
+        return None
+    return PrefixCache(shape, settings.prefix_cache_block_tokens, settings.prefix_cache_bytes)
 
 
 # ----------------------------------------------------------------------------- full_sequence
@@ -316,6 +391,10 @@ class FullSequenceStepper:
     @property
     def decoding(self) -> int:
         return len(self._rows)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return 0  # nothing is cached between steps, let alone between requests
 
 
 StepperFactory = Callable[[LoadedModel, Settings, Metrics], Stepper]

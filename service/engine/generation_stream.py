@@ -29,6 +29,8 @@ class GenerationStream:
         self._cancel = cancel
         self.finished = False  # the final chunk (or an error) was consumed
         self.cancelled = False
+        #: Arrival to admission, seconds; written once by the worker when the sequence is admitted.
+        self.queue_seconds: float | None = None
 
     def __aiter__(self) -> GenerationStream:
         return self

@@ -39,6 +39,7 @@ class GenerationStats:
     waiting: int  # queued, not admitted yet (longhaul_waiting_sequences)
     kv_cache_bytes: int  # cache arrays held right now: the decode buffer + partial prefills
     decoding: int  # of ``running``, those past their prefill (rows of the decode step)
+    prefix_cache_bytes: int = 0  # KV entries the prefix cache holds (beside kv_cache_bytes)
 
 
 class GenerationError(RuntimeError):

@@ -28,19 +28,22 @@ Capacity: when a row would outgrow C, the buffer is reallocated once, with headr
 ~1/16 of length (amortised O(1) per token) and attention spans at most that much (or 256 slots)
 more than the longest row. It is never larger than the longest reservation among its rows
 (prompt + max_new_tokens, the most a row can ever hold), which is what keeps the budget below
-true. Joining and leaving rows reallocate too (b changes); leaving also shrinks C when the long
-rows are gone.
+true. Rows are allocated with room for more (R >= b, within ``max_bytes``): a sequence joins
+into a free row and a leaving one is replaced by the last row, so neither copies the buffer;
+leaving shrinks C when the long rows are gone, and R when most rows stand free.
 
 Memory is bounded on what is really allocated: rows × C × bytes per token (``nbytes``). Growth
 briefly holds the old buffer next to the new one, and attention transposes one layer's keys at a
 time inside the graph; the budget (``settings.kv_cache_bytes``) bounds the resident cache, not
-those transients.
+those transients. The free rows are sized from the budget left beside the prefills running at
+the time; a prefill admitted later may briefly hold its own cache beside the free row it will
+take, at most one prompt's cache per such prefill.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,26 +135,45 @@ class DecodeBatch:
     """The running sequences' caches as one preallocated buffer, rows keyed by sequence id.
 
     Usage per decode step: ``inputs(tokens)`` -> backend -> ``advance(new entries)``.
+
+    The buffer holds R >= b rows: the b running rows first (in ``ids`` order), then free rows
+    of zeros. Joining takes a free row in place and leaving moves the last row into the hole,
+    so neither copies the other rows; only a join with no free row (or a row outgrowing C)
+    reallocates, and then with room for about as many rows again, but never more than
+    ``max_bytes`` holds (the KV budget, so what is allocated stays within it). Profiled before
+    (docs/benchmarks.md §6): reallocating on every join and leave cost a 16-stream decode run
+    about a fifth of its time.
     """
 
-    def __init__(self, shape: CacheShape) -> None:
+    def __init__(self, shape: CacheShape, max_bytes: int | None = None) -> None:
         self.shape = shape
+        self.max_bytes = max_bytes  # None: exactly the rows needed at each reallocation
         self.ids: list[int] = []  # sequence id of each row, in row order
         self.limits: list[int] = []  # the most tokens each row may ever hold (its reservation)
         self.lengths = np.zeros(0, np.int64)  # (b,) real tokens of each row, in slots [0, n)
-        self.cache = shape.empty(0)  # (L, 2, b, h, C, e)
+        self._buffer = shape.empty(0)  # (L, 2, R, h, C, e), rows [b, R) free (zeros)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
+    def cache(self) -> np.ndarray:
+        """(L, 2, b, h, C, e): the running rows' part of the buffer (a view)."""
+        return self._buffer[:, :, : len(self.ids)]
+
+    @property
     def capacity(self) -> int:
         """C: slots allocated per row (what a decode step's attention spans, plus the new one)."""
-        return int(self.cache.shape[4])
+        return int(self._buffer.shape[4])
+
+    @property
+    def rows_allocated(self) -> int:
+        """R: rows the buffer holds, running and free."""
+        return int(self._buffer.shape[2])
 
     @property
     def nbytes(self) -> int:
-        return int(self.cache.nbytes)
+        return int(self._buffer.nbytes)
 
     @property
     def mask(self) -> np.ndarray:
@@ -161,6 +183,23 @@ class DecodeBatch:
     def real_lengths(self) -> list[int]:
         return [int(n) for n in self.lengths]
 
+    def _rows_for(self, needed: int, slots: int) -> int:
+        """Rows to allocate for ``needed`` running rows of ``slots`` slots: twice as many, as
+        far as ``max_bytes`` allows, never fewer than needed."""
+        if self.max_bytes is None:
+            return needed
+        per_row = slots * self.shape.bytes_per_token
+        affordable = self.max_bytes // per_row if per_row else 2 * needed
+        return max(needed, min(2 * needed, affordable))
+
+    def _reallocate(self, rows: int, slots: int) -> None:
+        """Copy the running rows into a new buffer of ``rows`` x ``slots`` (the one copy)."""
+        b = len(self.ids)
+        buffer = self.shape.empty(self._rows_for(rows, slots), slots)
+        used = min(int(self.lengths.max(initial=0)), slots)  # past this: zeros in every row
+        buffer[:, :, :b, :, :used] = self._buffer[:, :, :b, :, :used]
+        self._buffer = buffer
+
     def add(self, seq_id: int, cache: np.ndarray, limit: int) -> None:
         """Append a row holding ``cache`` (L, 2, 1, h, n, e); ``limit`` is the most tokens the
         sequence can ever hold (prompt + max_new_tokens), which caps the buffer's growth."""
@@ -169,40 +208,49 @@ class DecodeBatch:
         n = int(cache.shape[4])
         if n > limit:
             raise ValueError(f"a row of {n} tokens exceeds its own limit of {limit}")
-        ids, limits = [*self.ids, seq_id], [*self.limits, limit]
-        lengths = np.append(self.lengths, n)
+        b = len(self.ids)
+        limits = [*self.limits, limit]
         # Room for the row's next token too, so its first decode step does not grow the buffer.
-        needed = min(int(lengths.max()) + 1, max(limits))
-        slots = self.capacity if needed <= self.capacity else capacity_for(needed, max(limits))
-        buffer = self.shape.empty(len(ids), slots)
-        used = int(self.lengths.max(initial=0))  # slots past this are zeros in every old row
-        buffer[:, :, :-1, :, :used] = self.cache[:, :, :, :, :used]
-        buffer[:, :, -1, :, :n] = cache[:, :, 0]
-        self.cache, self.ids, self.limits, self.lengths = buffer, ids, limits, lengths
+        needed = min(max(int(self.lengths.max(initial=0)), n) + 1, max(limits))
+        if needed > self.capacity:
+            self._reallocate(b + 1, capacity_for(needed, max(limits)))
+        elif b == self.rows_allocated:
+            self._reallocate(b + 1, self.capacity)
+        self._buffer[:, :, b, :, :n] = cache[:, :, 0]  # a free row: zeros after slot n
+        self.ids, self.limits = [*self.ids, seq_id], limits
+        self.lengths = np.append(self.lengths, n)
 
-    def remove(self, seq_ids: set[int]) -> None:
-        """Drop these rows; shrink C when the remaining rows need much less than it holds."""
-        keep = [row for row, seq_id in enumerate(self.ids) if seq_id not in seq_ids]
-        if len(keep) == len(self.ids):
+    def remove(self, seq_ids: Collection[int]) -> None:
+        """Drop these rows: the last row moves into each hole, the vacated row is zeroed.
+        Shrink C when the remaining rows need less than it holds (every step attends over C)."""
+        leaving = sorted((row for row, s in enumerate(self.ids) if s in seq_ids), reverse=True)
+        if not leaving:
             return
-        self.ids = [self.ids[row] for row in keep]
-        self.limits = [self.limits[row] for row in keep]
-        self.lengths = self.lengths[keep]
-        if not keep:
-            self.cache = self.shape.empty(0)
+        for row in leaving:  # highest first, so ``last`` is never a row still to remove
+            last = len(self.ids) - 1
+            n_row, n_last = int(self.lengths[row]), int(self.lengths[last])
+            if row != last:
+                tail = max(n_row, n_last)
+                self._buffer[:, :, row, :, :tail] = self._buffer[:, :, last, :, :tail]
+                self.ids[row], self.limits[row] = self.ids[last], self.limits[last]
+                self.lengths[row] = self.lengths[last]
+            self._buffer[:, :, last, :, : max(n_row, n_last)] = 0
+            self.ids.pop()
+            self.limits.pop()
+            self.lengths = self.lengths[:last]
+        if not self.ids:
+            self._buffer = self.shape.empty(0)
             return
-        used = int(self.lengths.max())
-        # The copy happens anyway (rows leave), so shrinking to what the remaining rows would
-        # be given if they grew now costs nothing extra and releases the long rows' slots.
-        slots = min(self.capacity, capacity_for(min(used + 1, max(self.limits)), max(self.limits)))
-        buffer = self.shape.empty(len(keep), slots)
-        buffer[:, :, :, :, :used] = self.cache[:, :, keep, :, :used]
-        self.cache = buffer
+        used, longest = int(self.lengths.max()), max(self.limits)
+        slots = capacity_for(min(used + 1, longest), longest)
+        # Free rows are kept for the next joins, but not once most of them stand idle.
+        if slots < self.capacity or self.rows_allocated > 4 * len(self.ids):
+            self._reallocate(len(self.ids), slots)
 
     def inputs(self, tokens: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Graph inputs for one decode step: each row's next token (in row order), the whole
-        buffer as the past, per layer (under ``names``, the layout's ``inputs``: views
-        ``{prefix}.{l}.key`` = buffer[l, 0], no copy), and its mask
+        """Graph inputs for one decode step: each row's next token (in row order), the running
+        rows of the buffer as the past, per layer (under ``names``, the layout's ``inputs``:
+        views ``{prefix}.{l}.key`` = buffer[l, 0, :b], contiguous, no copy), and its mask
         followed by a 1 for the new token."""
         if len(tokens) != len(self.ids):
             raise ValueError(f"{len(tokens)} tokens for a batch of {len(self.ids)} rows")
@@ -221,20 +269,13 @@ class DecodeBatch:
             raise ValueError(f"new cache entries have shape {new.shape}, expected {expected}")
         needed = int(self.lengths.max()) + 1
         if needed > self.capacity:
-            self._grow(capacity_for(needed, max(needed, *self.limits)))
+            self._reallocate(len(self.ids), capacity_for(needed, max(needed, *self.limits)))
         rows = np.arange(len(self.ids))
         # Advanced indices split by a slice put the row axis first: (b, L, 2, h, e).
-        self.cache[:, :, rows, :, self.lengths] = np.moveaxis(new[:, :, :, :, 0], 2, 0)
+        self._buffer[:, :, rows, :, self.lengths] = np.moveaxis(new[:, :, :, :, 0], 2, 0)
         self.lengths = self.lengths + 1
-
-    def _grow(self, slots: int) -> None:
-        """One copy into a buffer of ``slots`` slots per row (amortised by capacity_for)."""
-        buffer = self.shape.empty(len(self.ids), slots)
-        used = int(self.lengths.max())
-        buffer[:, :, :, :, :used] = self.cache[:, :, :, :, :used]
-        self.cache = buffer
 
     def row(self, seq_id: int) -> np.ndarray:
         """The real cache of one sequence, (L, 2, 1, h, n, e) (for tests and debugging)."""
         r = self.ids.index(seq_id)
-        return self.cache[:, :, r : r + 1, :, : int(self.lengths[r])]
+        return self._buffer[:, :, r : r + 1, :, : int(self.lengths[r])]

@@ -55,6 +55,10 @@ def default_engine_factories() -> dict[str, EngineFactory]:
     return {"encode": EncodeBatcher, "generate": GenerationEngine}
 
 
+#: A model whose last this-many requests all failed inside it (backend errors) is unhealthy.
+UNHEALTHY_AFTER = 3
+
+
 @dataclass
 class ServedModel:
     loaded: LoadedModel
@@ -62,6 +66,20 @@ class ServedModel:
     #: Requests currently holding a lease on this version (see ModelRegistry.lease).
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Requests in a row that failed inside the model; a success resets it.
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.consecutive_failures < UNHEALTHY_AFTER
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, error: str) -> None:
+        self.consecutive_failures += 1
+        self.last_error = error
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -159,8 +177,13 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Start-up loading is over and at least one model answered its warm-up."""
-        return self.started and not self._loading and bool(self._served)
+        """Start-up loading is over and at least one served model is healthy (answered its
+        warm-up, and its requests are not all failing)."""
+        return (
+            self.started
+            and not self._loading
+            and any(served.healthy for served in self._served.values())
+        )
 
     # ----------------------------------------------------------------------------- loading
 

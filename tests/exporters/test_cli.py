@@ -133,3 +133,15 @@ def test_a_version_that_exists_is_one_line(
     capsys.readouterr()
     assert main(args) == 2
     assert "already exists" in _one_line_error(capsys.readouterr().err)
+
+
+def test_export_needs_no_format_or_precision_flags(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's path: import, then export with only where to publish and under what name."""
+    store = tmp_path / "store"
+    assert (
+        main(["export", str(tiny_checkpoint("shatter")), "--store", str(store), "--name", "m"]) == 0
+    )
+    manifest = json.loads((store / "m" / "1" / "manifest.json").read_text())
+    assert manifest["format"] == "onnx" and manifest["parity"]["passed"]

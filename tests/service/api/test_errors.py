@@ -31,7 +31,8 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"type", "message", "param", "code"}
+    assert set(body["error"]) == {"type", "message", "param", "code", "request_id"}
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     assert body["error"]["message"]
     return body["error"]  # type: ignore[no-any-return]
 

@@ -50,7 +50,8 @@ def sse_events(body: str) -> list[str]:
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error: dict[str, Any] = response.json()["error"]
-    assert set(error) == {"type", "message", "param", "code"}
+    assert set(error) == {"type", "message", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     return error
 
 

@@ -45,7 +45,18 @@ def test_probes(client: TestClient) -> None:
     assert client.get("/health/live").json() == {"status": "ok"}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "models": {"lin": 1, "sha": 1}, "loading": False}
+    body = ready.json()
+    assert (body["status"], body["models"], body["loading"]) == (
+        "ready",
+        {"lin": 1, "sha": 1},
+        False,
+    )
+    assert body["details"]["lin"] == {
+        "version": 1,
+        "status": "healthy",
+        "consecutive_failures": 0,
+        "last_error": None,
+    }
 
 
 def test_every_design_metric_is_exported(client: TestClient) -> None:

@@ -396,6 +396,21 @@ def test_measured_fixed_cost_makes_similar_lengths_batch_and_outliers_wait() -> 
     assert lengths(choose_batch(equal, cpu, 1e12, 32)) == [64, 64, 64]  # ties: fewer passes
 
 
+def test_a_batch_must_beat_the_oldest_alone_by_more_than_the_fits_error() -> None:
+    # 5 ms per pass + 0.1 ms per token: four 100-token rows in one pass (45 ms for 400 tokens)
+    # beat the oldest alone (15 ms for 100) by 1/3 in predicted tokens per second.
+    model = measured(0.005, 0.0, 1e-4, 0.0)
+    pending = seqs(100, 100, 100, 100)
+    assert len(choose_batch(pending, model, 1e12, 32, margin=0.2)) == 4
+    # A fit that is off by 40% on its own samples cannot promise a 33% gain: one row.
+    assert lengths(choose_batch(pending, model, 1e12, 32, margin=0.4)) == [100]
+    assert choose_batch(pending, model, 1e12, 32, margin=0.4)[0] is pending[0]
+    # Waiting for company is judged by the same margin.
+    gpu_like = measured(0.010, 0.0, 1e-7, 0.0)
+    assert wait_pays(gpu_like, seqs(100), 0.002, 100, margin=0.5)
+    assert not wait_pays(gpu_like, seqs(100), 0.002, 100, margin=1.0)
+
+
 def test_batch_choice_respects_size_and_cost_limits() -> None:
     model = measured(1.0, 0.0, 1e-6, 0.0)  # a huge per-pass cost: as big as allowed
     pending = seqs(*[50] * 10)

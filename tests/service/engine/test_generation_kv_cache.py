@@ -116,7 +116,7 @@ def test_inputs_pass_the_whole_buffer_and_a_mask_with_the_new_token() -> None:
     assert list(inputs)[2:] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
     for i, name in enumerate(list(inputs)[2:]):
         view = inputs[name]
-        assert view.base is batch.cache and view.flags.c_contiguous
+        assert np.shares_memory(view, batch.cache) and view.flags.c_contiguous
         np.testing.assert_array_equal(view, batch.cache[i // 2, i % 2])
     with pytest.raises(ValueError, match="2 rows"):
         batch.inputs([11], NAMES)
@@ -141,7 +141,7 @@ def test_advance_writes_each_new_entry_in_place_at_the_rows_length() -> None:
     batch.add(2, fake_cache(4, 20), limit=BIG)
     buffer = batch.cache
     batch.advance(one_token(batch, [-1, -2]))
-    assert batch.cache is buffer  # in place: nothing reallocated
+    assert np.shares_memory(batch.cache, buffer)  # in place: nothing reallocated
     assert batch.real_lengths() == [3, 5]
     np.testing.assert_array_equal(batch.row(1)[..., :2, :], fake_cache(2, 10))
     np.testing.assert_array_equal(batch.row(2)[..., :4, :], fake_cache(4, 20))
@@ -159,7 +159,7 @@ def test_growth_copies_once_with_headroom_and_keeps_rows() -> None:
     reallocations, buffer = 0, batch.cache
     for step in range(600):
         batch.advance(one_token(batch, [5000 + step, 6000 + step]))
-        if batch.cache is not buffer:
+        if not np.shares_memory(batch.cache, buffer):
             reallocations, buffer = reallocations + 1, batch.cache
     # 850 tokens: 512 -> 768 (at 513: round_up(1.0625 x 513, 256)) -> 1024 (at 769).
     assert reallocations == 2 and batch.capacity == 1024
@@ -204,6 +204,46 @@ def test_remove_does_not_shrink_below_what_the_remaining_rows_use() -> None:
     batch.remove({2})
     assert batch.capacity == min(before, capacity_for(601, BIG)) == 768
     np.testing.assert_array_equal(batch.row(1), fake_cache(600, 10))
+
+
+def test_a_leaving_row_is_replaced_by_the_last_and_its_slots_zeroed_in_place() -> None:
+    batch = DecodeBatch(SHAPE)
+    for seq_id, n in ((1, 5), (2, 3), (3, 4)):
+        batch.add(seq_id, fake_cache(n, 10 * seq_id), limit=BIG)
+    buffer = batch.cache
+    batch.remove({1})
+    assert batch.ids == [3, 2]  # the last row took the hole: no other row was copied
+    assert np.shares_memory(batch.cache, buffer)  # no reallocation
+    np.testing.assert_array_equal(batch.row(3), fake_cache(4, 30))
+    np.testing.assert_array_equal(batch.row(2), fake_cache(3, 20))
+    assert_free_slots_are_zero(batch)
+    batch.add(4, fake_cache(2, 40), limit=BIG)  # joins into the freed row, in place
+    assert np.shares_memory(batch.cache, buffer) and batch.ids == [3, 2, 4]
+    np.testing.assert_array_equal(batch.row(4), fake_cache(2, 40))
+    assert_free_slots_are_zero(batch)
+
+
+def test_rows_are_allocated_with_room_within_max_bytes() -> None:
+    per_row = 256 * SHAPE.bytes_per_token  # one row of the first capacity block
+    batch = DecodeBatch(SHAPE, max_bytes=5 * per_row)
+    batch.add(1, fake_cache(3, 10), limit=BIG)
+    assert batch.rows_allocated == 2  # room for one more join without a copy
+    batch.add(2, fake_cache(3, 20), limit=BIG)
+    buffer = batch.cache
+    batch.add(3, fake_cache(3, 30), limit=BIG)
+    assert batch.rows_allocated == 5  # twice 3 would exceed max_bytes: as many as it holds
+    assert batch.nbytes <= 5 * per_row
+    batch.add(4, fake_cache(3, 40), limit=BIG)
+    assert np.shares_memory(batch.cache, buffer) is False  # 3 -> 4 rows copied once...
+    buffer = batch.cache
+    batch.add(5, fake_cache(3, 50), limit=BIG)
+    assert np.shares_memory(batch.cache, buffer)  # ...and the 5th joined in place
+    for seq_id in range(1, 6):
+        np.testing.assert_array_equal(batch.row(seq_id), fake_cache(3, 10 * seq_id))
+    assert_free_slots_are_zero(batch)
+    batch.remove({1, 2, 3, 4})
+    assert batch.rows_allocated == 2  # mostly idle rows are released
+    np.testing.assert_array_equal(batch.row(5), fake_cache(3, 50))
 
 
 # ----------------------------------------------------------------------- against the real graph

@@ -104,3 +104,35 @@ def test_batched_with_chunked_prefill_gives_the_solo_greedy_tokens(
         assert tokens == eager_greedy(reference, reference.token_ids(prompt), NEW_TOKENS)
     assert max(c.input_shape[0] for c in probe.calls) == 3  # decode steps shared the batch
     assert any(c.past_length > 0 and c.input_shape[1] > 1 for c in probe.calls)  # chunked prefill
+
+
+def test_prefix_cache_hits_give_the_eager_greedy_tokens(
+    reformer: tuple[LoadedModel, EagerReference],
+) -> None:
+    """The Reformer's cache (shared-QK vectors and values, buckets recomputed from them) is a
+    function of each token's past alone, so another prompt's entries are reusable: a hit that
+    ends mid-block and a prompt that is entirely cached give the eager full recompute's tokens."""
+    model, reference = reformer
+    doc = reference.token_ids((OTHER_PROMPTS[1] + PROMPT) * 2)
+    prompts = [doc + reference.token_ids(q)[1:] for q in (" return x", " return y")]
+    prompts.append(prompts[1])  # entirely cached
+    probe = Probe(model.backend)
+
+    async def main() -> list[tuple[list[int], int]]:
+        """Each prompt's tokens, and the cached tokens its prefill started from."""
+        async with running(with_backend(model, probe)) as engine:
+            results = []
+            for prompt in prompts:
+                stream = await engine.submit(prompt, SamplingParams(NEW_TOKENS, temperature=0))
+                tokens = (await stream.collect()).token_ids
+                prefill = probe.calls[-len(tokens)]  # then one decode step per later token
+                results.append((tokens, prefill.past_tokens[0]))
+            return results
+
+    outcome = run(main())
+    served, pasts = [tokens for tokens, _ in outcome], [past for _, past in outcome]
+    common = next(i for i, (a, b) in enumerate(zip(*prompts[:2], strict=False)) if a != b)
+    assert pasts == [0, common, len(prompts[2]) - 1]
+    assert common % 16  # the second hit ends inside a block
+    for prompt, tokens in zip(prompts, served, strict=True):
+        assert tokens == eager_greedy(reference, prompt, NEW_TOKENS)
