@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import Timing, set_threads, time_calls
 from benchmarks.models import REALISTIC, arch_config, build
-from exporters.architectures import config_from_dict
+from exporters.architectures import architecture_of, config_from_dict, get_architecture
 from exporters.formats import check_dynamic_axes, export_onnx, export_torchscript, quantize_int8
 from exporters.graphs import GraphSpec, graph_spec, wrap
 from exporters.parity import MIN_COSINE
@@ -138,9 +138,11 @@ def make_inputs(spec: GraphSpec, config: Any, batch: int, length: int) -> dict[s
 
 def export_example(spec: GraphSpec, config: Any) -> tuple[torch.Tensor, ...]:
     """As exporters.export does: every dynamic size >= 2 so the exporter keeps it symbolic."""
-    ids = torch.randint(4, config.vocab_size, (2, 8))
     if spec.mode != "kv_cache":
+        length = get_architecture(architecture_of(config)).example_length(config)
+        ids = torch.randint(4, config.vocab_size, (2, length))
         return ids, torch.ones_like(ids)
+    ids = torch.randint(4, config.vocab_size, (2, 8))
     layers, _, _, heads, _, head_dim = spec.inputs[2][2]
     past = torch.zeros(int(layers), 2, 2, int(heads), 3, int(head_dim))
     return ids, torch.ones(2, 11, dtype=torch.long), past

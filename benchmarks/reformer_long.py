@@ -1,6 +1,6 @@
 """HF's crime-and-punishment Reformer shape served at 16K and 64K tokens.
 
-``python -m benchmarks.reformer_long [--lengths 16384 65536] [--workdir DIR]``
+``python -m benchmarks.reformer_long [--lengths 16384 65536] [--workdir DIR | --store DIR]``
 
 A ``ReformerModelWithLMHead`` with google/reformer-crime-and-punishment's exact configuration
 (random weights: the figures are about cost, not text) and a sentencepiece vocabulary trained
@@ -164,8 +164,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--workdir", type=Path, default=SCRATCH / "reformer_long")
+    parser.add_argument(
+        "--store", type=Path, default=None,
+        help="serve this store's 'crime' and 'crime-encode' (as the README's commands publish "
+        "them) instead of building one in --workdir",
+    )  # fmt: skip
     args = parser.parse_args()
-    store, timings = build(args.workdir)
+    if args.store is None:
+        store, timings = build(args.workdir)
+    else:
+        store, timings = args.store, {}
     rows = measure(store, args.lengths)
     out = {"machine": machine_info(), "build": timings, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,12 @@ import torch
 from tqdm import tqdm
 
 from exporters import __version__
-from exporters.architectures import build_model, config_to_dict, get_architecture
+from exporters.architectures import (
+    architecture_of,
+    build_model,
+    config_to_dict,
+    get_architecture,
+)
 from exporters.checkpoint import TOKENIZER_FILE, Checkpoint, directory_sha256, load_checkpoint
 from exporters.formats import (
     ONNX_OPSET,
@@ -201,10 +206,13 @@ def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
 
 
 def _example(spec: GraphSpec, config: Any) -> tuple[torch.Tensor, ...]:
-    """Example inputs with every dynamic size >= 2 (the exporter specialises sizes 0 and 1)."""
-    ids = torch.randint(4, config.vocab_size, (2, 8))
+    """Example inputs with every dynamic size >= 2 (the exporter specialises sizes 0 and 1),
+    including the sizes an architecture derives from the length (``example_length``)."""
     if spec.mode != "kv_cache":
+        length = get_architecture(architecture_of(config)).example_length(config)
+        ids = torch.randint(4, config.vocab_size, (2, length))
         return ids, torch.ones_like(ids)
+    ids = torch.randint(4, config.vocab_size, (2, 8))
     # One (2, heads, 3, head_dim) tensor per past input; distinct tensors, so the trace cannot
     # tie the inputs together.
     past = tuple(torch.zeros(2, heads, 3, head_dim) for _, heads, _, head_dim in _past_shapes(spec))

@@ -25,6 +25,24 @@ def _unchunked_feed_forward(config: ReformerConfig) -> ReformerConfig:
     return dataclasses.replace(config, ff_chunk_size=0)
 
 
+def _short_example(config: Any) -> int:
+    return 8
+
+
+def _three_chunks(config: ReformerConfig) -> int:
+    """A length spanning three chunks of every layer, padded by a few slots.
+
+    The exporter keeps a size symbolic only where the example's size is at least 2; a size the
+    example has as 0 or 1 it may fix for good. A Reformer derives sizes from the length: the
+    chunk count n, the padding, and n - 1 where the look-back shifts chunks by one. With an
+    example inside one chunk and one hash round, the wrapped look-back's shifted part had size
+    r·n − 1 = 0, and re-splitting r·n into (r, n) then fixed n = 1: the graph failed at every
+    length past one chunk. Here n >= 3 and the padding lies between 2 and m − 2 for m >= 4.
+    """
+    m = config.pad_multiple
+    return 2 * m + max(1, m // 2)
+
+
 class Architecture(NamedTuple):
     config_class: type
     model_class: type[nn.Module]
@@ -34,11 +52,18 @@ class Architecture(NamedTuple):
     extrapolates: bool = False
     # The config the exporter traces: the same function as the checkpoint's, export-safe.
     export_config: Callable[[Any], Any] = _same_config
+    # Sequence length of the example the graph is exported with (every derived size >= 2).
+    example_length: Callable[[Any], int] = _short_example
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "linformer": Architecture(LinformerConfig, LinformerEncoder),
-    "reformer": Architecture(ReformerConfig, ReformerModel, export_config=_unchunked_feed_forward),
+    "reformer": Architecture(
+        ReformerConfig,
+        ReformerModel,
+        export_config=_unchunked_feed_forward,
+        example_length=_three_chunks,
+    ),
     "alibi": Architecture(AlibiConfig, AlibiLM, extrapolates=True),
     "shatter": Architecture(ShatterConfig, ShatterEncoder),
 }

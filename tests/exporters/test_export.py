@@ -14,7 +14,7 @@ import torch
 from exporters import parity as parity_module
 from exporters.checkpoint import load_checkpoint
 from exporters.cli import main as exporters_main
-from exporters.export import ExportRequest, export, parity_lengths
+from exporters.export import ExportRequest, _example, export, parity_lengths
 from exporters.formats import (
     FrozenAxisError,
     check_dynamic_axes,
@@ -225,6 +225,30 @@ def test_hf_compatible_reformer_gets_the_full_sequence_graph(tiny_checkpoint) ->
     assert graph_spec("generate", hf).mode == "full_sequence"
     assert graph_spec("generate", config).mode == "kv_cache"
     assert graph_spec("encode", dataclasses.replace(config, causal=False)).mode == "encode"
+
+
+@pytest.mark.parametrize(
+    ("chunk", "local_chunk", "layers"),
+    [(64, 64, ("local", "lsh")), (256, 128, ("local", "lsh")), (16, 64, ()), (4, 4, ())],
+)
+def test_reformer_example_spans_three_chunks_of_every_layer(
+    tiny_checkpoint, chunk: int, local_chunk: int, layers: tuple[str, ...]
+) -> None:
+    """The exporter may fix a size the example has as 0 or 1: with the example inside one
+    chunk and one hash round, HF's wrapped look-back fixed the chunk count to 1 and the graph
+    failed past one chunk (test_hf_reformer_published.py exports that configuration). So the
+    example has >= 3 chunks of every layer (n - 1 >= 2) and padding of at least 2 slots."""
+    config = dataclasses.replace(
+        load_checkpoint(tiny_checkpoint("reformer")).config, chunk_length=chunk,
+        local_chunk_length=local_chunk, attn_layers=layers, n_layers=len(layers) or 2,
+        n_hashes=1, hf_compatible=True,
+    )  # fmt: skip
+    ids, mask = _example(graph_spec("generate", config), config)
+    t = ids.shape[1]
+    padded = t + (-t) % config.pad_multiple
+    assert mask.shape == ids.shape and padded - t >= 2
+    for c in config.chunk_lengths:
+        assert padded // c >= 3
 
 
 def test_alibi_extrapolation_curve_sets_max_context(store, tiny_checkpoint) -> None:

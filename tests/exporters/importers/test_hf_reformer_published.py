@@ -224,6 +224,11 @@ def test_sentencepiece_ids_are_sentencepieces(crime: dict[str, Any], spiece: Pat
     assert hf(text.strip())["input_ids"] == expected
 
 
+# The first test of the store pays for two dynamo exports of the six-layer model with parity at
+# 4096 tokens: over pytest's 600 s on two shared cores.
+STORE_TIMEOUT_S = 2400
+
+
 @pytest.fixture(scope="module")
 def crime_store(crime: dict[str, Any]) -> Path:
     """Published twice at 4096 positions: as the LM it is, and as an encoder of its hidden
@@ -239,10 +244,8 @@ def crime_store(crime: dict[str, Any]) -> Path:
     return store
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_exported_graph_equals_transformers(crime: dict[str, Any], crime_store: Path) -> None:
     from model_store import ModelRepository
 
@@ -268,10 +271,8 @@ def client(crime_store: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_served_completion_is_the_references_greedy_text(
     client: TestClient, crime: dict[str, Any]
 ) -> None:
@@ -293,10 +294,8 @@ def test_served_completion_is_the_references_greedy_text(
     assert data["choices"][0]["text"] == tokenizer.decode(expected)
 
 
-# Open bug: the ONNX export of the published crime-and-punishment configuration fails at
-# run time in parity (ORT Concat 'node_cat_12': axis 0 has 64 vs 1); deselected until fixed.
-@pytest.mark.known_bug
 @pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
 def test_served_encode_pools_the_hidden_states(client: TestClient, crime: dict[str, Any]) -> None:
     prompt = _text(200_000)[170_000:172_000]
     response = client.post(
@@ -309,7 +308,8 @@ def test_served_encode_pools_the_hidden_states(client: TestClient, crime: dict[s
     with torch.no_grad():
         _, hidden = model(ids, torch.ones_like(ids))
     assert got.shape == (512,)  # both streams, as HF's final LayerNorm sees them
-    np.testing.assert_allclose(got, hidden[0].mean(0).numpy(), atol=1e-4)
+    mean = hidden[0].mean(0).numpy()
+    np.testing.assert_allclose(got, mean / np.linalg.norm(mean), atol=1e-5)  # normalize: true
 
 
 def test_enwik8_published_config_maps(tmp_path: Path) -> None:
