@@ -36,13 +36,11 @@ from service.api.generate_protocol import (
     generate_stream_events,
 )
 from service.engine.errors import EngineError
-from service.engine.generation_stream import GenerationStream
+from service.engine.generation_stream import GenerationStream, collect_chunks
 from service.engine.generation_types import (
     GenerationChunk,
     GenerationError,
     GenerationResult,
-    PromptEcho,
-    TokenLogprob,
 )
 from service.engine.registry import ModelRegistry, ServedModel
 from service.engine.sampling import SamplingParams
@@ -127,21 +125,7 @@ class _Session:
         return self.deadline.exceeded(self.metrics, self.served.name, stage)
 
     async def collect(self, index: int) -> GenerationResult:
-        pieces: list[str] = []
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        prompt: PromptEcho | None = None
-        async for chunk in self.chunks(index):
-            pieces.append(chunk.text)
-            tokens.extend(chunk.token_ids)
-            logprobs.extend(chunk.logprobs)
-            prompt = prompt or chunk.prompt
-            if chunk.finish_reason is not None:
-                return GenerationResult(
-                    "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
-                    chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
-                )  # fmt: skip
-        raise GenerationError("the generation ended without a final chunk")
+        return await collect_chunks(self.chunks(index))
 
     async def results(self, request: Request) -> list[GenerationResult] | None:
         """Every generation, or None if the client disconnected first (then cancelled)."""

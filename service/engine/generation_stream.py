@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from service.engine.generation_types import (
     GenerationChunk,
@@ -56,21 +56,7 @@ class GenerationStream:
 
     async def collect(self) -> GenerationResult:
         """Wait for the whole generation."""
-        pieces: list[str] = []
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        prompt: PromptEcho | None = None
-        async for chunk in self:
-            pieces.append(chunk.text)
-            tokens.extend(chunk.token_ids)
-            logprobs.extend(chunk.logprobs)
-            prompt = prompt or chunk.prompt
-            if chunk.finish_reason is not None:
-                return GenerationResult(
-                    "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
-                    chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
-                )  # fmt: skip
-        raise GenerationError("the generation ended without a final chunk")
+        return await collect_chunks(self)
 
     def cancel(self) -> None:
         """Idempotent; a no-op once the final chunk was consumed. Ends a pending iteration."""
@@ -111,3 +97,23 @@ class Outbox:
 def _deliver(items: list[_Item]) -> None:
     for stream, item in items:
         stream.put(item)
+
+
+async def collect_chunks(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
+    """The whole generation from its chunks (text, tokens, logprobs joined; the final chunk's
+    counts and finish reason)."""
+    pieces: list[str] = []
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    prompt: PromptEcho | None = None
+    async for chunk in chunks:
+        pieces.append(chunk.text)
+        tokens.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs)
+        prompt = prompt or chunk.prompt
+        if chunk.finish_reason is not None:
+            return GenerationResult(
+                "".join(pieces), tokens, chunk.finish_reason, chunk.prompt_tokens,
+                chunk.completion_tokens, logprobs, prompt, chunk.cumulative_logprob,
+            )  # fmt: skip
+    raise GenerationError("the generation ended without a final chunk")
