@@ -143,14 +143,17 @@ def shatter_attention_blocked(
     # unfold: rows run backwards through the windows. Taking each block's queries in reverse
     # order turns that into a forward slice, a strided view of the table: no gather, no copy.
     windows = table.unfold(-1, s, 1)  # (p, t, s): window w = table[:, w : w + s]
-    out = []
+    # One output written block by block, not a list joined at the end: each block's result kept
+    # alive between the blocks' large temporaries pins the heap, and peak RSS grew faster than
+    # the length (docs/decisions.md, "Blocked attention and the allocator").
+    out = q.new_empty(q.shape[0], t, values_per_part.shape[-1])
     for start in range(0, t, block):
         end = min(start + block, t)
         partitions = windows[:, t - end : t - start].permute(1, 2, 0)  # (B, s, p), rows reversed
         reversed_q = q[:, start:end].flip(1)  # (b, B, e), query end − 1 first
         part = shatter_attention(reversed_q, k, values_per_part, partitions, key_mask)
-        out.append(part.flip(1))
-    return torch.cat(out, dim=1)  # (b, t, e)
+        out[:, start:end] = part.flip(1)
+    return out  # (b, t, e)
 
 
 @dataclass(frozen=True)
