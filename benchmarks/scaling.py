@@ -283,7 +283,14 @@ def merge(results: Path, section: dict[str, Any]) -> None:
     data = read_json(results)
     old = data["sections"]["scaling"]
     old["series"].update(section["series"])
-    old["single_points"] = section["single_points"]
+    # Single points not re-measured this time (--no-single-points, other archs) stay.
+    measured = {(point.get("arch"), point.get("length")) for point in section["single_points"]}
+    kept = [
+        point
+        for point in old.get("single_points", [])
+        if (point.get("arch"), point.get("length")) not in measured
+    ]
+    old["single_points"] = kept + section["single_points"]
     old.setdefault("remeasured", []).append(
         {
             "archs": sorted(section["series"]),
