@@ -43,6 +43,7 @@ from benchmarks.common import (
     run_worker,
     set_threads,
     time_calls,
+    write_json,
 )
 from benchmarks.models import ARCHS, SCALING, arch_config, build
 
@@ -302,8 +303,7 @@ def merge(results: Path, section: dict[str, Any]) -> None:
             "commit": git_revision(),
         }
     )
-    # indent 2 as the results files are committed, so a merge diffs only what it changed
-    results.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    write_json(results, data)  # the results files' own format, so a merge diffs only its change
 
 
 def main(argv: list[str] | None = None) -> int:
