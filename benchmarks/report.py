@@ -357,14 +357,23 @@ def _remeasured(section: dict[str, Any]) -> list[str]:
     """Series re-measured later (``python -m benchmarks.scaling --archs ... --merge``), and the
     single points measured outside the capped series."""
     lines = []
-    for r in section.get("remeasured", []):
-        archs = ", ".join(ARCH_LABEL.get(a, a) for a in r["archs"])
+    later: set[str] = set()  # a series re-measured again later is described by the later run
+    runs = []
+    for r in reversed(section.get("remeasured", [])):
+        runs.append((r, [a for a in r["archs"] if a not in later]))
+        later.update(r["archs"])
+    for r, current in reversed(runs):
+        if not current:
+            continue
+        archs = ", ".join(ARCH_LABEL.get(a, a) for a in current)
         commit = r.get("commit", {}).get("commit", "")[:12]
+        rows, were, its = ("Rows", "were", "their") if len(current) > 1 else ("Row", "was", "its")
         lines.append(
-            f"Rows {archs} were re-measured on {r['at']} (commit `{commit}`, blocked attention, "
-            f"{r['threads']} torch thread(s), load average {r['load_average_start']} at start, "
-            f"{r['load_average_end']} at end): their memory is comparable with the other rows, "
-            "their times only with each other when the load average exceeds the core count."
+            f"{rows} {archs} {were} re-measured on {r['at']} (commit `{commit}`, "
+            f"blocked attention, {r['threads']} torch thread(s), load average "
+            f"{r['load_average_start']} at start, {r['load_average_end']} at end): {its} memory "
+            f"is comparable with the other rows, {its} times only with other re-measured rows "
+            "when the load average exceeds the core count."
         )
     for point in section.get("single_points", []):
         if "stop" in point:
