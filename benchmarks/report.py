@@ -935,9 +935,9 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
         "generation": (plot_generation, _generation_md),
         "engine": (lambda section, img_dir: [], _engine_md),
         "step": (lambda section, img_dir: [], _step_md),
-        "scoring": (lambda section, img_dir: [], _scoring_md),
         "prefix": (lambda section, img_dir: [], _prefix_md),
         "overload": (lambda section, img_dir: [], _overload_md),
+        "scoring": (lambda section, img_dir: [], _scoring_md),
     }
     for key, (plot, md) in writers.items():
         if key not in sections:
@@ -962,18 +962,19 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
 
 def _scoring_md(section: dict[str, Any], images: list[str], img_rel: str) -> list[str]:
     if section.get("skipped"):
-        return ["## Scoring throughput", "", f"Skipped: {section['skipped']}.", ""]
+        return ["## 9. Scoring throughput", "", f"Skipped: {section['skipped']}.", ""]
     plan = section["plan"]
     lines = [
-        "## Scoring throughput (echo + max_tokens 0)",
+        "## 9. Scoring throughput (echo + max_tokens 0)",
         "",
         f"{plan['texts']} texts of {plan['length']:,} tokens (the standard library's sources) "
         f"scored on `{section['model']}` (manifest max_context {section['manifest_max_context']:,}"
         f", lifted in memory), `logprobs: 1`, prefill chunks of {section['prefill_chunk_tokens']}"
         f" tokens, {section['threads']} threads, median of {plan['repeats']} interleaved rounds "
-        "(`python -m benchmarks --sections scoring`, benchmarks/scoring.py). Prefill only = the "
-        "same prompts with no scores; http = `POST /v1/completions` through the app, JSON "
-        "included.",
+        "(`python -m benchmarks --sections scoring`, benchmarks/scoring.py), prefix caching off "
+        "(scored prompts bypass it; the unscored ones would find each other cached). Prefill "
+        "only = the same prompts with no scores; http = `POST /v1/completions` through the app, "
+        "JSON included.",
         "",
         "| row | seconds | tokens/s | vs prefill only |",
         "|---|---|---|---|",
