@@ -242,6 +242,7 @@ def main() -> None:
         "them) instead of building one in --workdir",
     )  # fmt: skip
     args = parser.parse_args()
+    machine = machine_info()  # at the start: its load average is the one before the run
     if args.store is None:
         store, timings = build(args.workdir, args.max_context)
     else:
@@ -249,7 +250,7 @@ def main() -> None:
     rows = measure(store, args.lengths)
     steps = graph_steps(store, args.graph_lengths)
     out = {
-        "machine": machine_info(),
+        "machine": machine,
         "build": timings,
         "max_context": args.max_context,
         "rows": rows,

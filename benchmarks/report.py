@@ -1013,6 +1013,24 @@ def _reformer_long_md(data: dict[str, Any]) -> list[str]:
                 f"| {st['length']:,} | {cold:.1f}, {warm:.1f} | {warm:.1f} | "
                 f"{st['peak_rss_mib']:,} |"
             )
+        longest = max(steps, key=lambda st: st["length"])
+        warm = longest["forward_s"][-1]
+        lines += [
+            "",
+            f"At {longest['length']:,} tokens a completion costs one such forward per token: "
+            f"{1 / warm:.3f} tokens/s, 100 new tokens about {100 * warm / 60:.0f} minutes on "
+            "these cores.",
+        ]
+        forward = {st["length"]: st["forward_s"][-1] for st in steps}
+        for r in data["rows"]:
+            if not r.get("skipped") and r["target_tokens"] in forward:
+                lines[-1] += (
+                    f" Served at {r['target_tokens']:,}, TTFT was "
+                    f"{r['ttft_s'] / forward[r['target_tokens']]:.1f}x one forward of the graph "
+                    "(it also tokenises the prompt; the two were measured minutes apart, under "
+                    "different load) and a decode step "
+                    f"{1 / r['decode_tokens_per_s'] / forward[r['target_tokens']]:.2f}x."
+                )
     return [*lines, ""]
 
 
