@@ -266,6 +266,11 @@ def _bound_by_memory(
         budget, source = default_budget()
     else:
         budget, source = request.memory_budget, "--memory-budget"
+    if request.progress:
+        tqdm.write(
+            f"max_context: no --max-context, the model allows {limit}; probing the parity "
+            f"sweep's memory at {list(PROBE_LENGTHS)} tokens"
+        )
     peaks = []
     for length in PROBE_LENGTHS:
         with peak_above(baseline) as peak:
