@@ -954,7 +954,93 @@ def write_report(results: Path, out: Path, img_dir: Path) -> None:
             continue
         images = [] if section.get("skipped") else plot(section, img_dir)
         lines += md(section, images, img_rel)
+    reformer_long = results.parent / "reformer_long.json"  # its own run, not a make bench section
+    if reformer_long.is_file():
+        lines += _reformer_long_md(read_json(reformer_long))
     out.write_text("\n".join(lines).rstrip() + "\n")
+
+
+# ----------------------------------------------------------------------------- 10. Reformer 16K/64K
+
+
+def _reformer_long_md(data: dict[str, Any]) -> list[str]:
+    m = data["machine"]
+    build = data.get("build", {})
+    built = ", ".join(
+        f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in build.items()
+    )
+    lines = [
+        "## 10. HF's crime-and-punishment Reformer at 16K and 64K tokens",
+        "",
+        "google/reformer-crime-and-punishment's configuration (`ReformerModelWithLMHead`, random "
+        "weights at a trained scale, a 320-piece sentencepiece vocabulary), imported with default "
+        f"options, exported in fp32 at max_context {data['max_context']:,} as the LM and as "
+        "`--task encode`, served by `python -m service` (`python -m benchmarks.reformer_long`, "
+        f"its own run: {m['cores']} cores, load average {m['load_average_at_start']} at start, "
+        f"{data.get('load_average_at_end', '–')} at end; {built or 'store given'}). TTFT is the "
+        "first token's event of a streamed `/v1/completions`; decode tokens/s the rest of its "
+        f"{data['rows'][0].get('completion_tokens', 4) if data['rows'] else 4} tokens; peak RSS "
+        "the server's VmHWM after the request.",
+        "",
+        "| prompt tokens | TTFT s | decode tokens/s | s per new token | /v1/encode s | "
+        "peak RSS MiB (completion / encode) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if r.get("skipped"):
+            lines.append(f"| {r['target_tokens']:,} | not served: {r['skipped']} | | | | |")
+            continue
+        per_token = 1 / r["decode_tokens_per_s"] if r["decode_tokens_per_s"] else float("nan")
+        lines.append(
+            f"| {r['prompt_tokens']:,} | {r['ttft_s']:.1f} | {r['decode_tokens_per_s']:.3f} | "
+            f"{per_token:.1f} | {r['encode_s']:.1f} | {r['peak_rss_mib_after_completion']:,} / "
+            f"{r['peak_rss_mib_after_encode']:,} (idle {r['idle_rss_mib']:,}) |"
+        )
+    if any(r.get("skipped") for r in data["rows"]):
+        lines += [
+            "",
+            f"Nothing past {data['max_context']:,} tokens is served: a version is published at "
+            "the length its parity sweep passed, and this model's sweep fails past 16K on ties "
+            "in its LSH hashing at float32 rounding, not on memory or a service limit "
+            '(docs/decisions.md, "Served length bounded by memory").',
+        ]
+    steps = data.get("graph_steps", [])
+    if steps:
+        lines += [
+            "",
+            "The imported Reformer has no kv-cache graph (HF's chunking lets a later token move an "
+            "earlier one's chunk), so each new token is a forward of the whole sequence. That "
+            "forward, timed on the exported LM graph itself (ONNX Runtime, batch 1, warm, a child "
+            "process per length):",
+            "",
+            "| length | forward s (cold, warm) | = seconds per new token | peak RSS MiB |",
+            "|---|---|---|---|",
+        ]
+        for st in steps:
+            cold, warm = st["forward_s"][0], st["forward_s"][-1]
+            lines.append(
+                f"| {st['length']:,} | {cold:.1f}, {warm:.1f} | {warm:.1f} | "
+                f"{st['peak_rss_mib']:,} |"
+            )
+        longest = max(steps, key=lambda st: st["length"])
+        warm = longest["forward_s"][-1]
+        lines += [
+            "",
+            f"At {longest['length']:,} tokens a completion costs one such forward per token: "
+            f"{1 / warm:.3f} tokens/s, 100 new tokens about {100 * warm / 60:.0f} minutes on "
+            "these cores.",
+        ]
+        forward = {st["length"]: st["forward_s"][-1] for st in steps}
+        for r in data["rows"]:
+            if not r.get("skipped") and r["target_tokens"] in forward:
+                lines[-1] += (
+                    f" Served at {r['target_tokens']:,}, TTFT was "
+                    f"{r['ttft_s'] / forward[r['target_tokens']]:.1f}x one forward of the graph "
+                    "(it also tokenises the prompt; the two were measured minutes apart, under "
+                    "different load) and a decode step "
+                    f"{1 / r['decode_tokens_per_s'] / forward[r['target_tokens']]:.2f}x."
+                )
+    return [*lines, ""]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -43,6 +43,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         eval_text=args.eval_text,
         skip_extrapolation=args.skip_extrapolation,
         task=args.task,
+        memory_budget=None if args.memory_budget is None else round(args.memory_budget * 2**30),
     )
     try:
         result = export(request)
@@ -143,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="override the measured/verified max_context (recorded in the manifest)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="without --max-context, a model limited only by its position table is verified "
+        "and served at the longest length whose predicted parity peak fits this many GiB "
+        "(default: 0.75 of the memory available), see exporters/memory_bound.py",
     )
     p.add_argument(
         "--eval-text",

@@ -37,6 +37,18 @@ from exporters.formats import (
     quantize_int8,
 )
 from exporters.graphs import GraphSpec, graph_spec, wrap
+from exporters.memory_bound import (
+    FLOOR,
+    PROBE_LENGTHS,
+    Choice,
+    PeakFit,
+    choose_length,
+    default_budget,
+    gib,
+    peak_above,
+    resident_bytes,
+)
+from exporters.memory_bound import RULE as BOUND_RULE
 from exporters.parity import ParityError, Report, run_parity
 from exporters.precision import AUTO, REQUESTED, export_auto
 from exporters.runtime import OnnxRunner, Runner, TorchScriptRunner
@@ -48,6 +60,7 @@ from model_store.manifest import (
     CacheLayout,
     ExtrapolationReport,
     GraphSignature,
+    MemoryBoundReport,
     ParityCase,
     ParityReport,
     Provenance,
@@ -81,6 +94,9 @@ class ExportRequest:
     # None: the config's own task. "encode" also publishes a causal LM's full-sequence graph as
     # an encoder (its hidden states, pooled by the service, on /v1/encode and /v1/embeddings).
     task: str | None = None
+    # Bytes the parity sweep may add when the exporter chooses max_context from the model's
+    # limit (exporters/memory_bound.py); None: DEFAULT_BUDGET_FRACTION of the memory available.
+    memory_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +115,11 @@ class ExportResult:
             )
         else:
             bar = f"min cosine {self.report.min_cosine:.6f}"
+        bound = manifest.memory_bound
+        limit = "" if bound is None else f" of {bound.limit}, bounded by memory"
         return (
             f"published {self.published.path} ({size / 1e6:.1f} MB, {manifest.precision}, "
-            f"max_context {manifest.max_context}): {bar}, {self.seconds:.1f} s, "
+            f"max_context {manifest.max_context}{limit}): {bar}, {self.seconds:.1f} s, "
             f"peak RSS {peak_rss_gib():.2f} GiB"
         )
 
@@ -113,11 +131,25 @@ def peak_rss_gib() -> float:
 
 def _max_context(
     ckpt: Checkpoint, request: ExportRequest
-) -> tuple[int, ExtrapolationReport | None]:
+) -> tuple[int, ExtrapolationReport | None, bool]:
+    """(max_context or the longest it may be, the ALiBi length curve, whether the length is
+    still to be bounded by memory: chosen by default and longer than FLOOR)."""
     config = ckpt.config
+    if request.memory_budget is not None and request.memory_budget <= 0:
+        raise ValueError(f"--memory-budget must be positive, got {request.memory_budget} bytes")
+    if request.memory_budget is not None and request.max_context is not None:
+        raise ValueError(
+            "--memory-budget bounds the max_context the exporter chooses; with --max-context N "
+            "there is nothing to choose (drop one of them)"
+        )
     hard = config.max_positions
     extrapolation = None
     extrapolates = get_architecture(ckpt.architecture).extrapolates
+    if extrapolates and request.memory_budget is not None:
+        raise ValueError(
+            "--memory-budget bounds a length chosen from the model's limit; an ALiBi model's "
+            "max_context comes from its measured length curve"
+        )
     if extrapolates and request.skip_extrapolation:
         if request.max_context is None or request.eval_text is not None:
             raise ValueError(
@@ -153,7 +185,105 @@ def _max_context(
         raise ValueError(
             f"max_context {chosen_context} exceeds the model's hard limit n_max={hard}"
         )
-    return chosen_context, extrapolation
+    bounded = request.max_context is None and not extrapolates and chosen_context > FLOOR
+    return chosen_context, extrapolation, bounded
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """The probes behind a max_context chosen by memory (exporters/memory_bound.py)."""
+
+    limit: int
+    baseline: int  # resident bytes before the first probe; peaks are measured above it
+    budget: int
+    budget_source: str
+    fit: PeakFit
+    choice: Choice
+
+    @property
+    def chosen(self) -> int:
+        return self.choice.length
+
+    def report(self, measured_peak: int | None) -> MemoryBoundReport:
+        return MemoryBoundReport(
+            limit=self.limit,
+            budget_bytes=self.budget,
+            budget=self.budget_source,
+            probe_lengths=list(self.fit.lengths),
+            probe_peak_bytes=list(self.fit.peaks),
+            fixed_bytes=round(self.fit.fixed),
+            per_token_bytes=round(self.fit.per_token, 1),
+            predicted_peak_bytes=self.choice.predicted_peak,
+            measured_peak_bytes=measured_peak,
+            fits=self.choice.fits,
+            rule=BOUND_RULE.format(floor=FLOOR, probes=list(self.fit.lengths)),
+        )
+
+
+def describe_bound(bound: MemoryBound) -> str:
+    """What was chosen, why, and how to verify longer."""
+    fit, choice = bound.fit, bound.choice
+    probes = ", ".join(
+        f"{gib(peak)} at {length}" for length, peak in zip(fit.lengths, fit.peaks, strict=True)
+    )
+    why = (
+        f"parity peaks measured {probes} tokens: {gib(fit.fixed)} + "
+        f"{fit.per_token / 1024:.1f} KiB per token; budget {gib(bound.budget)} "
+        f"({bound.budget_source})"
+    )
+    if choice.length == bound.limit:
+        return (
+            f"max_context {choice.length} (the model's limit): predicted peak "
+            f"{gib(choice.predicted_peak)} fits ({why})"
+        )
+    head = (
+        f"max_context {choice.length}, not the model's limit {bound.limit}: parity at "
+        f"{bound.limit} is predicted to peak at {gib(bound.fit.predict(bound.limit))}, at "
+        f"{choice.length} {gib(choice.predicted_peak)}"
+    )
+    if not choice.fits:
+        head += f" (over the budget even there; {FLOOR} is the shortest length verified)"
+    return (
+        f"{head} ({why}). To serve longer, verify it where it fits: --max-context N, or "
+        f"--memory-budget GIB on a machine with more memory"
+    )
+
+
+def _bound_by_memory(
+    reference: torch.nn.Module,
+    runner: Runner,
+    spec: GraphSpec,
+    ckpt: Checkpoint,
+    limit: int,
+    request: ExportRequest,
+) -> MemoryBound:
+    """Probe the parity sweep at PROBE_LENGTHS, fit its peak, choose the length that fits.
+
+    A probe is a parity sweep in its own right: a graph that fails one fails here, before the
+    long sweep (an int8 attempt that misses the floor costs the probe, not hours at 2^17)."""
+    baseline = resident_bytes()
+    if request.memory_budget is None:
+        budget, source = default_budget()
+    else:
+        budget, source = request.memory_budget, "--memory-budget"
+    if request.progress:
+        tqdm.write(
+            f"max_context: no --max-context, the model allows {limit}; probing the parity "
+            f"sweep's memory at {list(PROBE_LENGTHS)} tokens"
+        )
+    peaks = []
+    for length in PROBE_LENGTHS:
+        with peak_above(baseline) as peak:
+            probe = run_parity(
+                reference, runner, spec, ckpt.config, [length], request.precision, False
+            )
+        if not probe.passed:
+            raise ParityError(
+                probe, f"{request.name}: {probe.summary()} (memory probe); nothing was published"
+            )
+        peaks.append(peak())
+    fit = PeakFit(PROBE_LENGTHS, tuple(peaks))
+    return MemoryBound(limit, baseline, budget, source, fit, choose_length(limit, fit, budget))
 
 
 def _exportable(ckpt: Checkpoint) -> Checkpoint:
@@ -281,6 +411,7 @@ def build_manifest(
     max_context: int,
     extrapolation: ExtrapolationReport | None,
     model_file: str,
+    memory_bound: MemoryBoundReport | None = None,
 ) -> Manifest:
     """The manifest of a graph that passed parity; ``publish`` fills in version and checksums."""
     return Manifest(
@@ -305,6 +436,7 @@ def build_manifest(
             onnx_opset=ONNX_OPSET if request.format == "onnx" else None,
         ),
         extrapolation=extrapolation,
+        memory_bound=memory_bound,
         model_file=model_file,
     )
 
@@ -339,9 +471,10 @@ class Prepared:
     repeat the extrapolation sweep (at a trained length of 2048 it scores 16K-token windows)."""
 
     ckpt: Checkpoint
-    max_context: int
+    max_context: int  # when memory_bound: the longest it may be (the model's limit)
     extrapolation: ExtrapolationReport | None
     task: str
+    memory_bound: bool = False  # export() probes each graph and bounds max_context by memory
 
 
 def _check_precision(request: ExportRequest, precision: str) -> None:
@@ -365,8 +498,8 @@ def prepare(request: ExportRequest) -> Prepared:
         raise FileExistsError(
             f"{request.name} version {request.version} already exists in {request.store}"
         )
-    max_context, extrapolation = _max_context(ckpt, request)
-    return Prepared(ckpt, max_context, extrapolation, _task(ckpt, request.task))
+    max_context, extrapolation, bounded = _max_context(ckpt, request)
+    return Prepared(ckpt, max_context, extrapolation, _task(ckpt, request.task), bounded)
 
 
 def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportResult:
@@ -382,7 +515,6 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
 
     steps = tqdm(total=3, desc=f"export {request.name}", disable=not request.progress)
     spec = graph_spec(prepared.task, ckpt.config)
-    lengths = parity_lengths(ckpt, max_context)
 
     with tempfile.TemporaryDirectory(prefix="longhaul-export-") as tmp:
         staging = Path(tmp)
@@ -391,18 +523,35 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
         steps.update()
 
         reference = wrap(ckpt.model.float(), spec, torch.float32)
-        report = run_parity(
-            reference, runner, spec, ckpt.config, lengths, request.precision, request.progress
-        )
+        bound = None
+        if prepared.memory_bound:
+            bound = _bound_by_memory(reference, runner, spec, ckpt, max_context, request)
+            max_context = bound.chosen
+            if request.progress:
+                tqdm.write(describe_bound(bound))
+        lengths = parity_lengths(ckpt, max_context)
+        with peak_above(bound.baseline if bound else resident_bytes()) as parity_peak:
+            report = run_parity(
+                reference, runner, spec, ckpt.config, lengths, request.precision, request.progress
+            )
         del runner  # the session's arena goes before the next attempt builds its own
         steps.update()
         if not report.passed:
             steps.close()
             raise ParityError(report, f"{request.name}: {report.summary()}; nothing was published")
 
+        memory_report = None
+        if bound is not None:
+            memory_report = bound.report(parity_peak())
+            if request.progress:
+                tqdm.write(
+                    f"parity at {max_context} tokens peaked at {gib(parity_peak())} above the "
+                    f"baseline (predicted {gib(bound.choice.predicted_peak)})"
+                )
         manifest = build_manifest(
-            request, ckpt, spec, report, max_context, prepared.extrapolation, model_path.name
-        )
+            request, ckpt, spec, report, max_context, prepared.extrapolation, model_path.name,
+            memory_report,
+        )  # fmt: skip
         published = repo.publish(staging, manifest)
         steps.update()
         steps.close()

@@ -296,6 +296,34 @@ class ExtrapolationReport(_Frozen):
         return self
 
 
+class MemoryBoundReport(_Frozen):
+    """How the exporter chose a max_context bounded by memory (exporters/memory_bound.py): the
+    parity sweep probed at short lengths, a line fitted to its peaks, the longest candidate
+    whose predicted peak fits the budget, verified there."""
+
+    limit: int = Field(ge=1, description="the length the model allows (its position table)")
+    budget_bytes: int = Field(ge=0)
+    budget: str = Field(min_length=1, description="where the budget came from, in words")
+    probe_lengths: list[int] = Field(min_length=2)
+    probe_peak_bytes: list[int] = Field(description="each probe's peak above the baseline")
+    fixed_bytes: float
+    per_token_bytes: float = Field(ge=0)
+    predicted_peak_bytes: int = Field(ge=0, description="at the chosen length")
+    measured_peak_bytes: int | None = Field(
+        default=None, ge=0, description="the parity sweep's own peak at the chosen length"
+    )
+    fits: bool = Field(description="False: even the floor was predicted past the budget")
+    rule: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if len(self.probe_lengths) != len(self.probe_peak_bytes):
+            raise ValueError(
+                f"{len(self.probe_lengths)} probe lengths but {len(self.probe_peak_bytes)} peaks"
+            )
+        return self
+
+
 class Manifest(_Frozen):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
@@ -321,6 +349,7 @@ class Manifest(_Frozen):
     parity: ParityReport
     provenance: Provenance
     extrapolation: ExtrapolationReport | None = None
+    memory_bound: MemoryBoundReport | None = None  # max_context chosen by memory (no override)
     tokenizer_file: str = "tokenizer.json"
     model_file: str
 
@@ -369,6 +398,12 @@ class Manifest(_Frozen):
         ):
             raise ValueError(
                 f"{self.precision} models record parity min_cosine and/or argmax_agreement"
+            )
+        # A length chosen by memory is a length parity ran at: the record cannot claim more.
+        if self.memory_bound is not None and self.max_context > max(self.parity.lengths):
+            raise ValueError(
+                f"max_context {self.max_context} was chosen by memory but parity verified "
+                f"lengths up to {max(self.parity.lengths)} only"
             )
         if self.files:
             missing = [f for f in (self.model_file, self.tokenizer_file) if f not in self.files]

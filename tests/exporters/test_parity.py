@@ -111,3 +111,34 @@ def test_long_prompts_run_as_chunked_prefill_on_both_sides(
     blind = run_parity(reference, PastBlindRunner(reference), spec, CONFIG, [4, 40], "fp32", False)
     failed = [c.name for c in blind.cases if c.worst_ratio(blind.rule) > 1]
     assert not blind.passed and "b1xL40-prefill" in failed and "b1xL4-prefill" not in failed
+
+
+@pytest.mark.parametrize("block", [7, 1 << 23])  # blocks inside a row and one block per row
+def test_blocked_comparison_equals_the_whole_array_one(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs are compared block by block (bounded float64 copies); the figures are those of
+    the whole arrays, and a NaN anywhere still fails."""
+    monkeypatch.setattr(parity, "COMPARE_BLOCK_VALUES", block)
+    gen = np.random.default_rng(0)
+    ref = gen.normal(size=(2, 37, 5)).astype(np.float32)
+    out = (ref + gen.normal(scale=1e-3, size=ref.shape)).astype(np.float32)
+    mask = np.ones((2, 37), dtype=np.int64)
+    mask[1, :20] = 0  # a left-padded row: its padding is not compared
+    out[1, 3] += 100.0  # in the padding: ignored
+    keep = mask.astype(bool)
+    diff = parity._compare(ref, out, mask, 1)
+    whole = np.abs(ref.astype(np.float64) - out.astype(np.float64))[keep]
+    assert diff.max_abs_diff == whole.max()
+    assert diff.peak == np.abs(ref.astype(np.float64))[keep].max()
+    cosine, agree = parity._cosine_and_argmax(ref, out, mask)
+    r, o = ref[keep].astype(np.float64), out[keep].astype(np.float64)
+    cos = (r * o).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(o, axis=-1) + 1e-12)
+    assert cosine == pytest.approx(cos.mean(), abs=1e-12)
+    assert agree == (r.argmax(-1) == o.argmax(-1)).mean()
+    out[0, 30, 2] = np.nan
+    assert np.isnan(parity._compare(ref, out, mask, 1).max_abs_diff)
+    cache = gen.normal(size=(2, 2, 2, 3, 37, 4)).astype(np.float32)  # (L, 2, b, h, t, e)
+    moved = cache.copy()
+    moved[:, :, 0, :, 36] += 0.5
+    assert parity._compare(cache, moved, mask, 4).max_abs_diff == pytest.approx(0.5, rel=1e-6)

@@ -225,23 +225,46 @@ def test_sentencepiece_ids_are_sentencepieces(crime: dict[str, Any], spiece: Pat
 
 
 # The first test of the store pays for two dynamo exports of the six-layer model with parity at
-# 4096 tokens: over pytest's 600 s on two shared cores.
+# 4096 tokens (and the memory probes at 1024 and 4096): over pytest's 600 s on two shared cores.
 STORE_TIMEOUT_S = 2400
 
 
 @pytest.fixture(scope="module")
 def crime_store(crime: dict[str, Any]) -> Path:
-    """Published twice at 4096 positions: as the LM it is, and as an encoder of its hidden
-    states (export --task encode)."""
+    """Published twice at 4096 positions: as the LM it is, by default (no --max-context: the
+    exporter bounds the 2^19-position table by memory, here a budget nothing fits, so the
+    floor), and as an encoder of its hidden states (export --task encode, --max-context)."""
     store = crime["root"] / "store"
-    for name, task in (("crime", None), ("crime-encode", "encode")):
-        request = ExportRequest(
-            checkpoint=crime["out"], store=store, name=name, format="onnx", max_context=4096,
-            progress=False, task=task,
-        )  # fmt: skip
+    requests = (
+        ExportRequest(
+            checkpoint=crime["out"], store=store, name="crime", format="onnx", progress=False,
+            memory_budget=1,
+        ),
+        ExportRequest(
+            checkpoint=crime["out"], store=store, name="crime-encode", format="onnx",
+            max_context=4096, progress=False, task="encode",
+        ),
+    )  # fmt: skip
+    for request in requests:
         result = export(request)
         assert result.report.passed and result.published.manifest.parity.lengths == [16, 4096]
     return store
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(STORE_TIMEOUT_S)
+def test_a_default_export_bounds_the_position_table_by_memory(crime_store: Path) -> None:
+    """The default export verifies, and serves, no more than parity ran at; the record says
+    what the probes of the published shape measured."""
+    from model_store import ModelRepository
+
+    manifest = ModelRepository(crime_store).resolve("crime").manifest
+    bound = manifest.memory_bound
+    assert bound is not None and (bound.limit, bound.budget_bytes) == (524288, 1)
+    assert manifest.max_context == 4096 == max(manifest.parity.lengths) and not bound.fits
+    assert bound.probe_lengths == [1024, 4096] and bound.per_token_bytes > 0
+    assert bound.measured_peak_bytes is not None and bound.measured_peak_bytes > 0
+    assert ModelRepository(crime_store).resolve("crime-encode").manifest.memory_bound is None
 
 
 @pytest.mark.slow
