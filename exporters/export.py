@@ -117,6 +117,8 @@ class ExportResult:
             bar = f"min cosine {self.report.min_cosine:.6f}"
         bound = manifest.memory_bound
         limit = "" if bound is None else f" of {bound.limit}, bounded by memory"
+        if bound is not None and bound.parity_failed_lengths:
+            limit += f"; parity failed at {bound.parity_failed_lengths}"
         return (
             f"published {self.published.path} ({size / 1e6:.1f} MB, {manifest.precision}, "
             f"max_context {manifest.max_context}{limit}): {bar}, {self.seconds:.1f} s, "
@@ -204,8 +206,9 @@ class MemoryBound:
     def chosen(self) -> int:
         return self.choice.length
 
-    def report(self, measured_peak: int | None) -> MemoryBoundReport:
+    def report(self, measured_peak: int | None, failed: list[int]) -> MemoryBoundReport:
         return MemoryBoundReport(
+            parity_failed_lengths=failed,
             limit=self.limit,
             budget_bytes=self.budget,
             budget=self.budget_source,
@@ -247,6 +250,24 @@ def describe_bound(bound: MemoryBound) -> str:
         f"{head} ({why}). To serve longer, verify it where it fits: --max-context N, or "
         f"--memory-budget GIB on a machine with more memory"
     )
+
+
+def _shorter_after_failure(report: Report, max_context: int) -> int | None:
+    """The next length to verify after a default-length parity failure, or None: stop (it
+    passed, or a case shorter than max_context failed too, which no shorter length mends).
+
+    Long-context numerics can fail where short ones pass for a reason that is the model's,
+    not the graph's: in a hashing model (Reformer) a query whose two best bucket scores differ
+    by one float32 step lands in either bucket by rounding alone, and at 32K tokens the eager
+    fp32 model already differs from its own float64 run (docs/decisions.md, "Served length
+    bounded by memory"). A length the user did not ask for is then halved, down to FLOOR,
+    rather than refused; an explicit --max-context is verified as asked or refused."""
+    if report.passed or max_context <= FLOOR:
+        return None
+    failing = [case for case in report.cases if case.worst_ratio(report.rule) > 1.0]
+    if report.precision != "fp32" or any(case.length < max_context for case in failing):
+        return None
+    return max(FLOOR, 1 << ((max_context - 1).bit_length() - 1))
 
 
 def _bound_by_memory(
@@ -529,11 +550,24 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
             max_context = bound.chosen
             if request.progress:
                 tqdm.write(describe_bound(bound))
-        lengths = parity_lengths(ckpt, max_context)
-        with peak_above(bound.baseline if bound else resident_bytes()) as parity_peak:
-            report = run_parity(
-                reference, runner, spec, ckpt.config, lengths, request.precision, request.progress
-            )
+        failed: list[int] = []
+        while True:
+            lengths = parity_lengths(ckpt, max_context)
+            with peak_above(bound.baseline if bound else resident_bytes()) as parity_peak:
+                report = run_parity(
+                    reference, runner, spec, ckpt.config, lengths, request.precision,
+                    request.progress,
+                )  # fmt: skip
+            shorter = _shorter_after_failure(report, max_context) if bound is not None else None
+            if shorter is None:
+                break
+            failed.append(max_context)
+            if request.progress:
+                tqdm.write(
+                    f"max_context: {report.summary()}. The length was chosen by default, so "
+                    f"it is published only as long as parity verifies it: trying {shorter}"
+                )
+            max_context = shorter
         del runner  # the session's arena goes before the next attempt builds its own
         steps.update()
         if not report.passed:
@@ -542,7 +576,7 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
 
         memory_report = None
         if bound is not None:
-            memory_report = bound.report(parity_peak())
+            memory_report = bound.report(parity_peak(), failed)
             if request.progress:
                 tqdm.write(
                     f"parity at {max_context} tokens peaked at {gib(parity_peak())} above the "

@@ -314,6 +314,11 @@ class MemoryBoundReport(_Frozen):
     )
     fits: bool = Field(description="False: even the floor was predicted past the budget")
     rule: str = Field(min_length=1)
+    parity_failed_lengths: list[int] = Field(
+        default_factory=list,
+        description="lengths memory allowed where parity failed; max_context is then the "
+        "longest shorter one that passed (halving, down to the floor)",
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

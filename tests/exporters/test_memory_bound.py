@@ -15,7 +15,13 @@ import pytest
 from exporters import export as export_module
 from exporters import memory_bound
 from exporters.checkpoint import load_checkpoint
-from exporters.export import ExportRequest, _bound_by_memory, _max_context, describe_bound
+from exporters.export import (
+    ExportRequest,
+    _bound_by_memory,
+    _max_context,
+    _shorter_after_failure,
+    describe_bound,
+)
 from exporters.memory_bound import (
     FLOOR,
     PeakFit,
@@ -25,7 +31,7 @@ from exporters.memory_bound import (
     peak_above,
     resident_bytes,
 )
-from exporters.parity import ParityError
+from exporters.parity import FP32_RULE, CaseResult, OutputDiff, ParityError, Report
 
 MIB = 2**20
 
@@ -164,7 +170,7 @@ def test_the_export_probes_and_chooses_what_fits(
     assert bound.budget_source == "--memory-budget"
     text = describe_bound(bound)
     assert "max_context 16384, not the model's limit 524288" in text and "--max-context N" in text
-    report = bound.report(measured_peak=130 * MIB)
+    report = bound.report(measured_peak=130 * MIB, failed=[])
     assert report.limit == 524288 and report.probe_lengths == [1024, 4096]
     assert report.predicted_peak_bytes <= report.budget_bytes
 
@@ -212,3 +218,32 @@ def test_a_probe_that_fails_parity_fails_the_export_before_the_long_sweep(
     )
     with pytest.raises(ParityError, match=r"parity at \[1024\] \(memory probe\); nothing"):
         _bound_by_memory(None, None, None, reformer_ckpt, 524288, request)  # type: ignore[arg-type]
+
+
+def _report(failing: dict[int, float], precision: str = "fp32", longest: int = 65536) -> Report:
+    """A parity report with one case per length; ``failing`` maps a length to its diff ratio."""
+    report = Report(reference="eager", precision=precision, lengths=[16, 4096, longest])
+    for length in report.lengths:
+        ratio = failing.get(length, 0.5)
+        diff = OutputDiff(max_abs_diff=ratio * FP32_RULE.bound(1.0), peak=1.0)
+        cosine = 0.5 if length in failing else 1.0
+        report.cases.append(CaseResult(1, length, f"full@{length}", {"logits": diff}, cosine, 1.0))
+    return report
+
+
+def test_a_default_length_that_fails_only_at_its_longest_case_is_halved() -> None:
+    assert _shorter_after_failure(_report({}), 65536) is None  # passed: nothing to do
+    assert _shorter_after_failure(_report({65536: 3.0}), 65536) == 32768
+    longer = _report({100_000: 3.0}, longest=100_000)
+    assert _shorter_after_failure(longer, 100_000) == 65536  # the power of two below
+    eight_k = _report({2 * FLOOR: 3.0}, longest=2 * FLOOR)
+    assert _shorter_after_failure(eight_k, 2 * FLOOR) == FLOOR
+    at_floor = _report({FLOOR: 3.0}, longest=FLOOR)
+    assert _shorter_after_failure(at_floor, FLOOR) is None  # the floor: refused
+
+
+def test_a_failure_no_shorter_length_mends_is_not_retried() -> None:
+    # A short case failed too: the graph is wrong, not the long numerics.
+    assert _shorter_after_failure(_report({4096: 2.0, 65536: 3.0}), 65536) is None
+    # Reduced precision is judged by cosine over every case; its failure is not length's.
+    assert _shorter_after_failure(_report({65536: 3.0}, precision="int8"), 65536) is None
