@@ -27,7 +27,13 @@ from exporters.architectures import (
     config_to_dict,
     get_architecture,
 )
-from exporters.checkpoint import TOKENIZER_FILE, Checkpoint, directory_sha256, load_checkpoint
+from exporters.checkpoint import (
+    TOKENIZER_FILE,
+    Checkpoint,
+    directory_sha256,
+    load_checkpoint,
+    model_with_weights,
+)
 from exporters.formats import (
     ONNX_OPSET,
     ExportError,
@@ -161,9 +167,8 @@ def _exportable(ckpt: Checkpoint) -> Checkpoint:
     settings) and the same weights."""
     config = get_architecture(ckpt.architecture).export_config(ckpt.config)
     if config != ckpt.config:
-        model = build_model(config)
-        model.load_state_dict(ckpt.model.state_dict())
-        ckpt = dataclasses.replace(ckpt, config=config, model=model.eval())
+        model = model_with_weights(config, ckpt.model.state_dict(), str(ckpt.path))  # shared
+        ckpt = dataclasses.replace(ckpt, config=config, model=model)
     return ckpt
 
 
