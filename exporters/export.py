@@ -41,6 +41,7 @@ from exporters.formats import (
     export_onnx,
     export_torchscript,
     quantize_int8,
+    remove_onnx,
 )
 from exporters.graphs import GraphSpec, graph_spec, wrap
 from exporters.parity import ParityError, Report, run_parity
@@ -329,7 +330,7 @@ def _write_graph(
         check_dynamic_axes(fp32_path, spec)
         if request.precision == "int8":
             quantize_int8(fp32_path, model_path)
-            fp32_path.unlink()
+            remove_onnx(fp32_path)  # and its external data: staging is what gets published
             check_dynamic_axes(model_path, spec)
         return model_path, OnnxRunner(model_path, spec.output_names)
     export_torchscript(module, example, model_path)
