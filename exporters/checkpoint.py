@@ -63,9 +63,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    # contiguous() because safetensors refuses views; shared tensors are cloned for the same reason.
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    save_file(_unshared(model.state_dict()), str(out_dir / WEIGHTS_FILE))
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
 
 
@@ -90,15 +88,16 @@ def load_checkpoint(ckpt_dir: Path) -> Checkpoint:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt_dir / CONFIG_FILE}: invalid config: {exc}") from exc
 
-    model = build_model(config)
     try:
-        state = load_file(str(ckpt_dir / WEIGHTS_FILE))
+        # Read into memory the process owns (pread), not mapped: the model keeps these tensors
+        # (model_with_weights), and a mapped checkpoint rewritten or truncated meanwhile (a
+        # retrain into the same directory) would change the weights or fault on access.
+        state = load_file(str(ckpt_dir / WEIGHTS_FILE), backend="pread")
         tokenizer = Tokenizer.from_file(str(ckpt_dir / TOKENIZER_FILE))
     except Exception as exc:  # safetensors and tokenizers raise their own exception types
         raise CheckpointError(f"{ckpt_dir}: cannot read the weights or tokenizer: {exc}") from exc
-    check_state_dict(model, state, str(ckpt_dir / WEIGHTS_FILE))
-    model.load_state_dict(state, strict=True)
-    model.eval()
+    model = model_with_weights(config, state, str(ckpt_dir / WEIGHTS_FILE))
+    del state
     extra = {
         k: v
         for k, v in meta.items()
@@ -113,6 +112,59 @@ def load_checkpoint(ckpt_dir: Path) -> Checkpoint:
         trained_context=trained_context,
         extra=extra,
     )
+
+
+def model_with_weights(config: Any, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The model ``config`` builds, in eval mode, holding the tensors of ``state`` themselves.
+
+    Built on the meta device and given the tensors with ``assign=True``: the weights exist once
+    in memory and no random initialisation runs (a bloom-560m's 816M parameters take minutes to
+    draw, and a built model plus a loaded state dict is twice the model). Every tensor the model
+    holds must come from ``state``: architectures keep no tensor outside their state dict (a
+    non-persistent buffer would stay on the meta device, which is checked). A tensor of another
+    floating dtype is converted, as ``load_state_dict``'s copy would convert it.
+    """
+    with torch.device("meta"):
+        model = build_model(config)
+    check_state_dict(model, state, source)
+    expected = model.state_dict()
+    # Contiguous as a copy into a built model would be (an importer may hand over a transpose).
+    state = {
+        k: (v.to(expected[k].dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+    }
+    model.load_state_dict(state, strict=True, assign=True)
+    # Parameters, buffers and plain tensor attributes (which build_model made on meta too).
+    attributes = [
+        (f"{prefix}.{key}" if prefix else key, value)
+        for prefix, module in model.named_modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    tensors = (*model.named_parameters(), *model.named_buffers(), *attributes)
+    left = sorted({name for name, tensor in tensors if tensor.is_meta})
+    if left:  # a programming error in an architecture, not a bad checkpoint
+        raise RuntimeError(f"{type(model).__name__} holds tensors outside its state dict: {left}")
+    return model.eval()
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as safetensors writes it: contiguous tensors, none sharing memory with another
+    (it refuses both). Only what needs it is copied: a tied or assigned-twice tensor (an
+    imported BLOOM's head is its embedding), a view."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        if not tensor.is_contiguous() or _storage(tensor) in seen:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(_storage(tensor))
+        out[name] = tensor
+    return out
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

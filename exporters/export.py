@@ -27,7 +27,13 @@ from exporters.architectures import (
     config_to_dict,
     get_architecture,
 )
-from exporters.checkpoint import TOKENIZER_FILE, Checkpoint, directory_sha256, load_checkpoint
+from exporters.checkpoint import (
+    TOKENIZER_FILE,
+    Checkpoint,
+    directory_sha256,
+    load_checkpoint,
+    model_with_weights,
+)
 from exporters.formats import (
     ONNX_OPSET,
     ExportError,
@@ -35,6 +41,7 @@ from exporters.formats import (
     export_onnx,
     export_torchscript,
     quantize_int8,
+    remove_onnx,
 )
 from exporters.graphs import GraphSpec, graph_spec, wrap
 from exporters.memory_bound import (
@@ -312,9 +319,8 @@ def _exportable(ckpt: Checkpoint) -> Checkpoint:
     settings) and the same weights."""
     config = get_architecture(ckpt.architecture).export_config(ckpt.config)
     if config != ckpt.config:
-        model = build_model(config)
-        model.load_state_dict(ckpt.model.state_dict())
-        ckpt = dataclasses.replace(ckpt, config=config, model=model.eval())
+        model = model_with_weights(config, ckpt.model.state_dict(), str(ckpt.path))  # shared
+        ckpt = dataclasses.replace(ckpt, config=config, model=model)
     return ckpt
 
 
@@ -477,7 +483,7 @@ def _write_graph(
         check_dynamic_axes(fp32_path, spec)
         if request.precision == "int8":
             quantize_int8(fp32_path, model_path)
-            fp32_path.unlink()
+            remove_onnx(fp32_path)  # and its external data: staging is what gets published
             check_dynamic_axes(model_path, spec)
         return model_path, OnnxRunner(model_path, spec.output_names)
     export_torchscript(module, example, model_path)

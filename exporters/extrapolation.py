@@ -15,7 +15,7 @@ at 16K tokens).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +39,6 @@ WINDOWS_AT_LONGEST = 4  # the stream holds this many windows of the longest leng
 LOGIT_ROWS = 512  # tokens per LM-head slice: (512, v) logits at a time
 DEFAULT_TEXT = "held-out Python standard library sources (demo corpus split)"
 LONG_SWEEP_S = 600.0  # a sweep predicted to take longer than this says how to skip it
-SKIP_HINT = (
-    "to skip it, export with --max-context N --skip-extrapolation (N is then served unmeasured), "
-    "or run the export where there are more cores"
-)
 
 
 @dataclass(frozen=True)
@@ -134,35 +130,62 @@ def loss_at_length(
     length: int,
     batch_size: int = 4,
     bar: tqdm | None = None,
+    first_forward: Callable[[float, int], None] | None = None,
 ) -> float:
+    """Mean next-token loss over the windows of ``length``; ``first_forward`` is told the
+    seconds and tokens of the first forward pass (the sweep's time estimate)."""
     windows = torch.from_numpy(stream[: (len(stream) // (length + 1)) * (length + 1)])
     windows = windows.view(-1, length + 1)  # (n, length + 1)
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in windows.split(batch_size):
             inputs, targets = chunk[:, :-1], chunk[:, 1:]
+            started = time.perf_counter()
             total += _summed_loss(model, inputs, targets)
             count += targets.numel()
+            if first_forward is not None and count == targets.numel():
+                first_forward(time.perf_counter() - started, targets.numel())
             if bar is not None:
                 bar.update(targets.numel())
     return total / count
 
 
-def remaining_seconds(first_s: float, lengths: list[int]) -> tuple[float, float]:
-    """(low, high) estimate of the lengths after the first from its time: every length scores
-    the same tokens, so the per-token cost stays flat where projections dominate (low) and
-    grows with the length where attention does (high)."""
-    rest = lengths[1:]
-    return first_s * len(rest), first_s * sum(n / lengths[0] for n in rest)
+def sweep_seconds(
+    first_s: float, first_tokens: int, lengths: list[int], per_length: list[int]
+) -> tuple[float, float]:
+    """(low, high) estimate of the whole sweep from its first forward pass (``first_tokens``
+    tokens at ``lengths[0]`` in ``first_s``): the per-token cost stays flat where projections
+    dominate (low) and grows with the length where attention does (high)."""
+    per_token = first_s / first_tokens
+    low = per_token * sum(per_length)
+    high = per_token * sum(t * n / lengths[0] for n, t in zip(lengths, per_length, strict=True))
+    return low, high
 
 
-def _warn_if_long(first_s: float, lengths: list[int], bar: tqdm) -> None:
-    low, high = remaining_seconds(first_s, lengths)
+def skip_hint(trained_context: int) -> str:
+    """The flags that skip the sweep, spelled out with the length that needs no measurement."""
+    return (
+        f"to skip it, stop this export (Ctrl-C) and rerun it with --max-context "
+        f"{trained_context} --skip-extrapolation: the trained length, served unmeasured "
+        "(a longer N you have measured yourself works too; parity still runs at it), or run "
+        "the export where there are more cores"
+    )
+
+
+def _warn_if_long(
+    first_s: float, first_tokens: int, lengths: list[int], per_length: list[int], bar: tqdm
+) -> None:
+    low, high = sweep_seconds(first_s, first_tokens, lengths, per_length)
     if high > LONG_SWEEP_S:
         bar.write(
-            f"extrapolation: lengths {lengths[1:]} will take about {low / 60:.0f}-"
-            f"{high / 60:.0f} min more at this speed; {SKIP_HINT}"
+            f"extrapolation: measuring the loss at {lengths} tokens will take about "
+            f"{_duration(low)}-{_duration(high)} at this speed (from its first "
+            f"{first_tokens} tokens, {first_s:.0f} s); {skip_hint(lengths[0])}"
         )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def measure(
@@ -190,10 +213,14 @@ def measure(
             bar.set_postfix_str(f"length {n} of {lengths}")
             # Constant tokens per forward (4 windows at 1x, 1 at 4x and beyond) bounds memory.
             batch = max(1, 4 * trained_context // n)
-            started = time.perf_counter()
-            losses.append(loss_at_length(model, stream, n, batch, bar))
-            if n == lengths[0]:
-                _warn_if_long(time.perf_counter() - started, lengths, bar)
+            # Warned after the first forward pass, not the first length: on 2 cores a
+            # bloom-560m's first length alone takes most of an hour.
+            warn = (
+                (lambda s, t: _warn_if_long(s, t, lengths, per_length, bar))
+                if n == lengths[0]
+                else None
+            )
+            losses.append(loss_at_length(model, stream, n, batch, bar, warn))
     ratios = [loss / losses[0] for loss in losses]
     # Stop at the first length that fails: a later pass after a failure would be luck, not a trend.
     chosen = lengths[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -13,6 +14,10 @@ from torch import Tensor, nn
 from exporters.graphs import GraphSpec
 
 ONNX_OPSET = 18
+# Weights beyond this go to ``<model>.data`` beside the graph (ONNX external data): a protobuf
+# message cannot exceed 2 GiB, and torch's exporter switches at this same 1.5 GiB (which leaves
+# room for the graph itself). Below it the model is one self-contained file.
+EXTERNAL_DATA_BYTES = 3 << 29
 
 
 class ExportError(RuntimeError):
@@ -52,7 +57,8 @@ def export_onnx(
     path: Path,
     dynamic: bool = True,
 ) -> None:
-    """Export with the dynamo exporter into one self-contained ``.onnx`` file."""
+    """Export with the dynamo exporter into ``path``, with its weights in ``data_file(path)``
+    when they exceed :data:`EXTERNAL_DATA_BYTES` (:func:`onnx_files` lists what was written)."""
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     # The exporter logs registry notes (torchvision ops it skips) that concern no Longhaul model.
@@ -73,10 +79,54 @@ def export_onnx(
     onnx_logger.setLevel(level)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
-    # One self-contained file up to protobuf's 2 GB limit (one path to load, one hash to check);
-    # larger models (a bloom-560m is 3.3 GB) must keep their weights in ``model.onnx.data``
-    # beside it, which the store hashes and ONNX Runtime loads from the same directory.
-    program.save(str(path), external_data=None)
+    # One self-contained file up to the limit (one path to load, one hash to check); a larger
+    # model (a bloom-560m is 3.3 GB in fp32) keeps its weights in ``model.onnx.data`` beside
+    # the graph, which the store lists and hashes and ONNX Runtime loads from the same directory.
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
+    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+
+
+def data_file(path: Path) -> Path:
+    """Where a graph at ``path`` keeps external weights (the name torch and ORT both write)."""
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The files an ONNX model at ``path`` consists of: the graph, and the one external-data
+    file it references if any (a reference to any other file is refused: the model must travel
+    as these files)."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        onnx.external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in _tensors(model.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    }
+    if not locations:
+        return [path]
+    if locations != {data_file(path).name}:
+        raise ExportError(
+            f"{path} keeps weights in {sorted(locations)}; expected only {data_file(path).name}"
+        )
+    return [path, data_file(path)]
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph stores: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in (*subgraphs, *attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def remove_onnx(path: Path) -> None:
+    """Delete an ONNX model and its external-data file."""
+    for file in onnx_files(path):
+        file.unlink()
 
 
 def check_dynamic_axes(path: Path, spec: GraphSpec) -> None:
@@ -169,7 +219,21 @@ def export_torchscript(module: nn.Module, example: tuple[Tensor, ...], path: Pat
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """ONNX Runtime dynamic quantization: int8 weights, activations quantized at run time."""
+    """ONNX Runtime dynamic quantization: int8 weights, activations quantized at run time.
+
+    A source with external data (over :data:`EXTERNAL_DATA_BYTES`) is quantized into external
+    data too, since the int8 graph may still be over the protobuf limit; when it is not over
+    :data:`EXTERNAL_DATA_BYTES` (int8 weights are a quarter of fp32 ones: a bloom-560m's
+    3.3 GB become 0.8 GB) its weights are folded back into one self-contained file.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    external = len(onnx_files(src)) > 1
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external
+    )
+    if external and data_file(dst).stat().st_size <= EXTERNAL_DATA_BYTES:
+        model = onnx.load(str(dst))  # reads the external weights into the message
+        onnx.external_data_helper.convert_model_from_external_data(model)
+        onnx.save_model(model, str(dst))
+        data_file(dst).unlink()

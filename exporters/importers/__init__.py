@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 
 from tokenizers import Tokenizer
 
-from exporters.architectures import architecture_of, build_model
-from exporters.checkpoint import check_state_dict, load_checkpoint, save_checkpoint
+from exporters.architectures import architecture_of
+from exporters.checkpoint import load_checkpoint, model_with_weights, save_checkpoint
 from exporters.importers import hf_bloom, hf_mpt, hf_reformer, lucidrains_linformer
 from exporters.importers.source import (
     TOKENIZER_FILE,
@@ -178,9 +178,10 @@ def import_checkpoint(
     tokenizer_source = _tokenizer_source(src, tokenizer, byte_vocab_offset)  # before the weights
 
     converted = importer.convert(src, options)
-    model = build_model(converted.config)
-    check_state_dict(model, converted.state_dict, f"the {source_format} mapping of {src}")
-    model.load_state_dict(converted.state_dict, strict=True)
+    # The model holds the converted tensors themselves (no second copy, no random init).
+    model = model_with_weights(
+        converted.config, converted.state_dict, f"the {source_format} mapping of {src}"
+    )
     tok, tokenizer_note = _tokenizer(tokenizer_source, src, converted.config.vocab_size)
     notes = converted.notes + ((tokenizer_note,) if tokenizer_note else ())
     provenance = {"tokenizer": tokenizer_source.kind.replace("detect-", ""), **converted.provenance}
@@ -191,7 +192,10 @@ def import_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
-        save_checkpoint(staging, model.eval(), tok, converted.trained_context, extra=extra)
+        save_checkpoint(staging, model, tok, converted.trained_context, extra=extra)
+        # The weights go before the check loads them again: one copy in memory at a time.
+        del model
+        converted.state_dict.clear()
         load_checkpoint(staging)  # what export will do first: fail here rather than there
         staging.replace(out)
     except BaseException:

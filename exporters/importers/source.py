@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
 CONFIG_FILE = "config.json"
@@ -57,15 +57,28 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _float32(tensor: Tensor) -> Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _read_safetensors(path: Path, into: dict[str, Tensor]) -> None:
+    """Tensor by tensor, each converted as it is read: a half-precision file never sits in
+    memory beside its float32 copy. Read (pread), not mapped: the imported model holds these
+    tensors, and must not change with the source file."""
+    with safe_open(str(path), framework="pt", backend="pread") as handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            into[name] = _float32(handle.get_tensor(name))
+
+
 def load_weights(src: Path) -> dict[str, Tensor]:
     """The checkpoint's state dict, every floating tensor as float32."""
+    state: dict[str, Tensor] = {}
     if (src / SAFETENSORS_FILE).is_file():
-        state = load_file(str(src / SAFETENSORS_FILE))
+        _read_safetensors(src / SAFETENSORS_FILE, state)
     elif (src / SAFETENSORS_INDEX).is_file():
         shards = sorted(set(read_json(src / SAFETENSORS_INDEX)["weight_map"].values()))
-        state = {}
         for shard in shards:
-            state.update(load_file(str(src / shard)))
+            _read_safetensors(src / shard, state)
     else:
         path = next((src / n for n in TORCH_FILES if (src / n).is_file()), None)
         if path is None:
@@ -81,7 +94,9 @@ def load_weights(src: Path) -> dict[str, Tensor]:
             raise UnsupportedCheckpointError(
                 f"{path} holds a {type(state).__name__}, not a state dict"
             )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        for name in list(state):  # in place: each half tensor goes as its copy arrives
+            state[name] = _float32(state[name])
+    return state
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,36 @@ def test_user_text_too_short_for_the_longest_window_is_refused(
         extrapolation.text_files(tmp_path / "missing")
 
 
-def test_a_long_sweep_says_how_to_skip_it() -> None:
-    low, high = extrapolation.remaining_seconds(100.0, [2048, 4096, 8192, 16384])
-    assert (low, high) == (300.0, 1400.0)
+def test_a_long_sweep_says_how_to_skip_it_after_its_first_forward() -> None:
+    lengths, per_length = [2048, 4096, 8192, 16384], [61440] * 4
+    # 8192 tokens in 100 s: 750 s per length at a flat cost per token, 1x/2x/4x/8x that at worst.
+    low, high = extrapolation.sweep_seconds(100.0, 8192, lengths, per_length)
+    assert (low, high) == (3000.0, 11250.0)
+
+    class Bar:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.written.append(text)
+
+    bar = Bar()
+    extrapolation._warn_if_long(100.0, 8192, lengths, per_length, bar)  # type: ignore[arg-type]
+    (message,) = bar.written
+    assert "about 50 min-3.1 h" in message
+    assert "--max-context 2048 --skip-extrapolation" in message  # the exact flags, N filled in
+    bar.written.clear()
+    extrapolation._warn_if_long(1.0, 8192, lengths, per_length, bar)  # type: ignore[arg-type]
+    assert bar.written == []  # under 10 minutes: nothing to say
+
+
+def test_the_estimate_is_given_after_the_first_forward_pass(model: AlibiLM) -> None:
+    stream = np.arange(4, 4 + 3 * 33, dtype=np.int64) % CONFIG.vocab_size
+    calls: list[tuple[float, int]] = []
+    extrapolation.loss_at_length(
+        model, stream, 32, 1, first_forward=lambda s, t: calls.append((s, t))
+    )
+    assert len(calls) == 1 and calls[0][1] == 32 and calls[0][0] > 0
 
 
 def test_skip_extrapolation_needs_max_context(
