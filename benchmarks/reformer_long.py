@@ -246,14 +246,20 @@ def main() -> None:
     machine = machine_info()  # at the start: its load average is the one before the run
     if args.store is None:
         store, timings = build(args.workdir, args.max_context)
+        max_context = args.max_context
     else:
+        from model_store import ModelRepository
+
         store, timings = args.store, {}
+        repo = ModelRepository(store)
+        # The store's own verified lengths (a default export chooses them), not --max-context.
+        max_context = min(repo.resolve(n).manifest.max_context for n in ("crime", "crime-encode"))
     rows = measure(store, args.lengths)
     steps = graph_steps(store, args.graph_lengths)
     out = {
         "machine": machine,
         "build": timings,
-        "max_context": args.max_context,
+        "max_context": max_context,
         "rows": rows,
         "graph_steps": steps,
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
