@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument(
         "--max-context", type=int, default=16384,
         help="the exports' max_context (parity runs there); served lengths past it are skipped. "
-        "Past 16384 this model's parity fails on LSH hashing ties (docs/decisions.md)",
+        "Past 16384 parity may fail on LSH hashing ties, by chance (docs/decisions.md)",
     )  # fmt: skip
     parser.add_argument(
         "--graph-lengths", type=int, nargs="*", default=[16384, 65536],
