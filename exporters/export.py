@@ -348,8 +348,8 @@ def _task(ckpt: Checkpoint, requested: str | None) -> str:
 
 def parity_lengths(ckpt: Checkpoint, max_context: int) -> list[int]:
     """Short, trained and long: 2x trained (up to max_context) and max_context for a model that
-    extrapolates (ALiBi), >= 4096 for the others. Never past max_context: a model trained at 2^19 tokens but
-    served at 64K is verified at the lengths it is served at."""
+    extrapolates (ALiBi), >= 4096 for the others. Never past max_context: a model trained at
+    2^19 tokens but served at 64K is verified at the lengths it is served at."""
     trained = min(ckpt.trained_context, max_context)
     if get_architecture(ckpt.architecture).extrapolates:
         long = {min(2 * trained, max_context), max_context}
