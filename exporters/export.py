@@ -49,6 +49,7 @@ from exporters.memory_bound import (
     PROBE_LENGTHS,
     Choice,
     PeakFit,
+    candidate_lengths,
     choose_length,
     default_budget,
     gib,
@@ -274,7 +275,7 @@ def _shorter_after_failure(report: Report, max_context: int) -> int | None:
     failing = [case for case in report.cases if case.worst_ratio(report.rule) > 1.0]
     if report.precision != "fp32" or any(case.length < max_context for case in failing):
         return None
-    return max(FLOOR, 1 << ((max_context - 1).bit_length() - 1))
+    return candidate_lengths(max_context)[1]  # the next shorter length the bound would try
 
 
 def _bound_by_memory(
