@@ -247,3 +247,38 @@ def test_a_failure_no_shorter_length_mends_is_not_retried() -> None:
     assert _shorter_after_failure(_report({4096: 2.0, 65536: 3.0}), 65536) is None
     # Reduced precision is judged by cosine over every case; its failure is not length's.
     assert _shorter_after_failure(_report({65536: 3.0}, precision="int8"), 65536) is None
+
+
+def test_the_export_publishes_the_longest_default_length_that_passes(
+    tiny_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real graph and store, parity replaced by one that fails past 8192 tokens at its
+    longest case only: the limit 65536 fits the budget, fails, and is halved to 8192."""
+    from exporters.architectures import build_model
+
+    source = tiny_checkpoint("reformer")
+    ckpt = load_checkpoint(source)
+    config = dataclasses.replace(
+        ckpt.config, position_embedding="learned", max_position_embeddings=65536
+    )
+    tabled = dataclasses.replace(ckpt, config=config, model=build_model(config).eval())
+    asked: list[list[int]] = []
+
+    def parity(reference: Any, runner: Any, spec: Any, cfg: Any, lengths: list[int], *a: Any):
+        asked.append(list(lengths))
+        longest = max(lengths)
+        return _report({longest: 3.0} if longest > 8192 else {}, longest=longest)
+
+    monkeypatch.setattr(export_module, "run_parity", parity)
+    request = ExportRequest(
+        checkpoint=source, store=tmp_path / "store", name="m", format="onnx",
+        memory_budget=2**50, progress=False,
+    )  # fmt: skip
+    prepared = export_module.Prepared(tabled, 65536, None, "generate", memory_bound=True)
+    result = export_module.export(request, prepared)
+    manifest = result.published.manifest
+    assert manifest.max_context == 8192 and max(manifest.parity.lengths) == 8192
+    assert manifest.memory_bound is not None
+    assert manifest.memory_bound.parity_failed_lengths == [65536, 32768, 16384]
+    assert [max(lengths) for lengths in asked] == [1024, 4096, 65536, 32768, 16384, 8192]
+    assert "parity failed at [65536, 32768, 16384]" in result.summary()
