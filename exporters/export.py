@@ -54,7 +54,7 @@ from exporters.memory_bound import (
     default_budget,
     gib,
     peak_above,
-    resident_bytes,
+    settled_resident_bytes,
 )
 from exporters.memory_bound import RULE as BOUND_RULE
 from exporters.parity import ParityError, Report, run_parity
@@ -290,7 +290,7 @@ def _bound_by_memory(
 
     A probe is a parity sweep in its own right: a graph that fails one fails here, before the
     long sweep (an int8 attempt that misses the floor costs the probe, not hours at 2^17)."""
-    baseline = resident_bytes()
+    baseline = settled_resident_bytes()
     if request.memory_budget is None:
         budget, source = default_budget()
     else:
@@ -560,7 +560,7 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
         failed: list[int] = []
         while True:
             lengths = parity_lengths(ckpt, max_context)
-            with peak_above(bound.baseline if bound else resident_bytes()) as parity_peak:
+            with peak_above(bound.baseline if bound else settled_resident_bytes()) as parity_peak:
                 report = run_parity(
                     reference, runner, spec, ckpt.config, lengths, request.precision,
                     request.progress,
