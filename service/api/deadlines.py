@@ -12,8 +12,9 @@ cancellation path, wherever the request is:
   queue at once, an admitted one (prefilling or decoding) is dropped, and its slot and KV cache
   freed, at the scheduler's next step boundary.
 
-The answer is 504 ``deadline_exceeded`` in the error shape; a stream that already started ends
-with that error as its last event (no ``[DONE]``). ``longhaul_deadline_exceeded_total{model,
+The answer is 504 ``deadline_exceeded`` in the error shape; a stream starts with its first event
+(generate.py, ``_event_stream``), so only one past it ends with that error as its last event
+(no ``[DONE]``). ``longhaul_deadline_exceeded_total{model,
 stage}`` counts them by where the request was: ``queued``, ``prefill``, ``decode`` (generation)
 or ``encode``.
 """

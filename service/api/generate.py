@@ -201,19 +201,43 @@ def _sse(data: object) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def _event_stream(
-    session: _Session, events: Callable[[], AsyncIterator[dict[str, Any]]]
-) -> StreamingResponse:
+async def _event_stream(
+    session: _Session, request: Request, events: Callable[[], AsyncIterator[dict[str, Any]]]
+) -> Response:
     """``events()`` as Server-Sent Events, then ``data: [DONE]``.
 
-    A failure after the response started cannot change the status any more: it is sent as an
-    OpenAI-style ``data: {"error": ...}`` event (the openai client raises on it) and the stream
-    ends without [DONE].
+    The response starts with the first event: until then nothing is sent, so a request that
+    fails before it (its deadline passed while queued or prefilling, the model unloaded, a
+    forward pass failed) gets its status and the error shape like any other, and a client that
+    disconnects while it waits frees its slot (499, nothing sent). A failure after the response
+    started cannot change the status any more: it is sent as an OpenAI-style
+    ``data: {"error": ...}`` event (the openai client raises on it) and the stream ends without
+    [DONE].
     """
+    source = events()
+    first: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(anext(source))
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not first.done():  # the client left before anything could be sent
+        first.cancel()
+        session.close()
+        return Response(status_code=CLIENT_CLOSED)
+    try:
+        head: list[dict[str, Any]] = [first.result()]
+    except StopAsyncIteration:
+        head = []
+    except BaseException:
+        session.close()  # raised to the route's error handlers: a status and the error shape
+        raise
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for payload in events():
+            for payload in head:
+                yield _sse(payload)
+            async for payload in source:
                 yield _sse(payload)
             yield b"data: [DONE]\n\n"
         except ApiError as exc:  # the deadline passed: the generation is already cancelled
@@ -259,7 +283,7 @@ async def generate(
                 for payload in generate_stream_events(body.model, chunk, logprobs):
                     yield payload
 
-        return _event_stream(session, events)
+        return await _event_stream(session, request, events)
     results = await session.results(request)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -286,8 +310,8 @@ async def completions(
     identity = CompletionIdentity(body.model, body.echo, body.logprobs is not None)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     if body.stream and not ranked:
-        return _event_stream(
-            session, lambda: _completion_events(session, identity, n, include_usage)
+        return await _event_stream(
+            session, request, lambda: _completion_events(session, identity, n, include_usage)
         )
     results = await session.results(request)
     if results is None:
@@ -297,8 +321,8 @@ async def completions(
     completion_tokens = sum(c.result.completion_tokens for c in choices)
     if body.stream:  # best_of > n: the n best are known once all finished; sent whole
         usage = (prompt_tokens, completion_tokens)
-        return _event_stream(
-            session, lambda: _whole_events(identity, choices, usage, include_usage)
+        return await _event_stream(
+            session, request, lambda: _whole_events(identity, choices, usage, include_usage)
         )
     return JSONResponse(identity.response(choices, prompt_tokens, completion_tokens))
 

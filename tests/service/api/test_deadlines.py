@@ -123,6 +123,41 @@ def test_generation_cancelled_while_queued_prefilling_and_decoding(
     asyncio.run(main())
 
 
+def test_a_stream_past_its_deadline_before_its_first_event_gets_the_504(
+    service_store: ServiceStore,
+) -> None:
+    """Nothing was sent yet, so the status can still say it: 504 and the error shape, as for a
+    request that does not stream; the sequence is freed."""
+    app = create_app(make_settings(service_store.root, models=["ali"], max_num_seqs=1))
+
+    async def main() -> None:
+        async with running_app(app) as http:
+            engine = engine_of(app)
+            gate = gated(app, "ali")  # every forward pass held: no first token
+            short = {"X-Request-Timeout": "0.4"}
+            # The first is admitted and held in its prefill; the second waits for the one slot,
+            # which the held pass keeps until it returns.
+            for path, body, stage in [
+                ("/v1/generate", {"prompt": PROMPT, "max_new_tokens": 4}, "prefill"),
+                ("/v1/completions", {"prompt": PROMPT, "max_tokens": 4}, "queued"),
+            ]:
+                response = await http.post(
+                    path, json={"model": "ali", "stream": True, **body}, headers=short
+                )
+                assert response.headers["content-type"].startswith("application/json")
+                assert stage in timeout_error(response)["message"]
+            gate.open.set()
+            await wait_for(lambda: freed(engine))
+            assert deadline_count(app, "ali", "prefill") == 1
+            assert deadline_count(app, "ali", "queued") == 1
+            ok = await http.post(
+                "/v1/generate", json={"model": "ali", "prompt": PROMPT, "stream": True}
+            )
+            assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n"), ok.text
+
+    asyncio.run(main())
+
+
 def test_a_started_stream_ends_with_a_deadline_event(service_store: ServiceStore) -> None:
     app = create_app(make_settings(service_store.root, models=["ali"]))
 

@@ -275,3 +275,31 @@ def test_abandoned_non_streaming_request_is_cancelled(
         httpx.post(f"{live_server.url}/v1/completions", json=body, timeout=0.3)
     assert wait_until_freed(slow_engine) < 1.0
     assert generated_tokens(live_server) - before < 400
+
+
+def test_a_stream_abandoned_before_its_first_event_is_cancelled(live_server: LiveServer) -> None:
+    """Nothing is sent before the first event; a client that leaves before it still frees its
+    sequence (the route watches for the disconnect while it waits) and is counted as 499."""
+    served = live_server.app.state.registry.get("ali")
+    engine = served.engine
+    assert isinstance(engine, GenerationEngine)
+    fast = served.loaded.backend
+    served.loaded.backend = Slow(fast, delay=0.6)  # the prefill alone outlasts the client
+    closed_before = client_closed(live_server)
+    try:
+        before = generated_tokens(live_server)
+        body = {"model": "ali", "prompt": PROMPT, "max_tokens": 400, "stream": True}
+        with pytest.raises(httpx.ReadTimeout):  # no headers within 0.2 s: the client leaves
+            httpx.post(f"{live_server.url}/v1/completions", json=body, timeout=0.2)
+        assert wait_until_freed(engine) < 3.0
+        assert generated_tokens(live_server) - before <= 1  # at most the prefill's token
+    finally:
+        served.loaded.backend = fast
+    assert client_closed(live_server) - closed_before == 1.0
+
+
+def client_closed(live_server: LiveServer) -> float:
+    value = live_server.app.state.metrics.registry.get_sample_value(
+        "longhaul_requests_total", {"model": "ali", "endpoint": "/v1/completions", "status": "499"}
+    )
+    return float(value or 0.0)
