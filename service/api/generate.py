@@ -218,7 +218,8 @@ async def _event_stream(
     first: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(anext(source))
     watching = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({first, watching}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {first, watching}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watching.cancel()
     if not first.done():  # the client left before anything could be sent
