@@ -17,8 +17,8 @@ specials, HF's enwik8 scheme, detected as ``--byte-vocab-offset 2`` (with a note
 
 from __future__ import annotations
 
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +190,10 @@ def import_checkpoint(
     extra = {"imported_from": {"format": source_format, "source": str(src.resolve()), **provenance}}
     # Written beside ``out`` and renamed into place: a failed import leaves no half checkpoint.
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
+    # mkdir, not mkdtemp: mkdtemp's 0700 would survive the rename, and a server running as
+    # another user (a container's) could not read the checkpoint; mkdir follows the umask.
+    staging = out.parent / f".{out.name}.importing-{secrets.token_hex(8)}"
+    staging.mkdir()
     try:
         save_checkpoint(staging, model, tok, converted.trained_context, extra=extra)
         # The weights go before the check loads them again: one copy in memory at a time.

@@ -47,6 +47,10 @@ def test_cli_import_writes_a_checkpoint_and_a_summary(
     meta = json.loads((out / "config.json").read_text())
     assert meta["architecture"] == "alibi" and meta["imported_from"]["format"] == "hf-mpt"
     assert meta["trained_context"] == 2048  # MPT's max_seq_len, no override given
+    # Readable as any directory the user makes is (the umask's mode), not private to the user.
+    made = tmp_path / "made-by-mkdir"
+    made.mkdir()
+    assert out.stat().st_mode & 0o777 == made.stat().st_mode & 0o777
 
 
 def test_cli_names_the_unsupported_option(
