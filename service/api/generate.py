@@ -273,22 +273,24 @@ async def generate(
 ) -> Response:  # fmt: skip
     """Continue a prompt. With ``stream: true``: SSE ``data: {model, text}`` per token chunk, a
     last event with ``finish_reason`` and ``usage``, then ``data: [DONE]``. With ``logprobs``,
-    each token's log-probability (in each event, for its tokens)."""
+    each token's log-probability (in each event, for its tokens); with ``prompt_logprobs``, each
+    prompt token's (in the first event)."""
     params = body.to_sampling_params(settings)
     session = await _open(registry, request, body.model, [body.prompt], params, metrics, deadline)
     logprobs = params.logprobs is not None
+    scored = params.prompt_logprobs is not None
     if body.stream:
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             async for chunk in session.chunks():
-                for payload in generate_stream_events(body.model, chunk, logprobs):
+                for payload in generate_stream_events(body.model, chunk, logprobs, scored):
                     yield payload
 
         return await _event_stream(session, request, events)
     results = await session.results(request)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(generate_response(body.model, results[0], logprobs))
+    return JSONResponse(generate_response(body.model, results[0], logprobs, scored))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=RESPONSES)

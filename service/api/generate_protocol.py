@@ -84,9 +84,9 @@ Logprobs = Annotated[
 ]
 
 
-def limit_logprobs(value: int | None, settings: Settings) -> int | None:
+def limit_logprobs(value: int | None, settings: Settings, param: str = "logprobs") -> int | None:
     if value is not None and value > settings.max_logprobs:
-        raise _over_limit("logprobs", value, settings.max_logprobs, "LONGHAUL_MAX_LOGPROBS")
+        raise _over_limit(param, value, settings.max_logprobs, "LONGHAUL_MAX_LOGPROBS")
     return value
 
 
@@ -123,6 +123,12 @@ class GenerateRequest(_Strict):
         description="each generated token's log-probability and the k most likely tokens at "
         "its position (raw model distribution); null = none",
     )
+    prompt_logprobs: Logprobs | None = Field(
+        None,
+        description="the same for every prompt token, given the tokens before it (the first "
+        "has none: logprob null), as vLLM's prompt_logprobs; every position is scored, so the "
+        "prefix cache is not used for the request; null = none",
+    )
 
     def to_sampling_params(self, settings: Settings) -> SamplingParams:
         explicit = "max_new_tokens" in self.model_fields_set
@@ -136,6 +142,7 @@ class GenerateRequest(_Strict):
             seed=self.seed,
             stop=tuple(self.stop),
             logprobs=limit_logprobs(self.logprobs, settings),
+            prompt_logprobs=limit_logprobs(self.prompt_logprobs, settings, "prompt_logprobs"),
         )
 
 
@@ -161,12 +168,29 @@ class TokenLogprobOut(BaseModel):
     top: list[TopTokenOut]
 
 
+class PromptTokenLogprobOut(BaseModel):
+    """One prompt token: as a generated one, but the first has no log-probability (null), and
+    ``offset`` is into the prompt as tokenized and decoded (``prompt_text``)."""
+
+    id: int
+    token: str
+    logprob: float | None
+    offset: int
+    top: list[TopTokenOut]
+
+
+class PromptLogprobsOut(BaseModel):
+    prompt_text: str = Field(description="the prompt's token ids decoded: what the offsets index")
+    tokens: list[PromptTokenLogprobOut]
+
+
 class GenerateResponse(BaseModel):
     model: str
     text: str
     finish_reason: FinishReason
     usage: GenerateUsage
     logprobs: list[TokenLogprobOut] | None = Field(None, description="with logprobs set")
+    prompt_logprobs: PromptLogprobsOut | None = Field(None, description="with prompt_logprobs set")
 
 
 class GenerateStreamChunk(BaseModel):
@@ -177,6 +201,7 @@ class GenerateStreamChunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: GenerateUsage | None = None
     logprobs: list[TokenLogprobOut] | None = None  # this event's tokens, with logprobs set
+    prompt_logprobs: PromptLogprobsOut | None = None  # the first event's, with prompt_logprobs
 
 
 def _native_logprobs(items: Seq[TokenLogprob]) -> list[TokenLogprobOut]:
@@ -189,34 +214,60 @@ def _native_logprobs(items: Seq[TokenLogprob]) -> list[TokenLogprobOut]:
     ]  # fmt: skip
 
 
-def generate_response(model: str, result: GenerationResult, logprobs: bool) -> dict[str, Any]:
+def _prompt_logprobs(prompt: PromptEcho | None) -> PromptLogprobsOut | None:
+    if prompt is None or prompt.logprobs is None:
+        return None
+    tokens = [
+        PromptTokenLogprobOut(
+            id=lp.token_id, token=lp.token, logprob=lp.logprob, offset=lp.offset,
+            top=[TopTokenOut(id=t.token_id, token=t.token, logprob=t.logprob) for t in lp.top],
+        )
+        for lp in prompt.logprobs
+    ]  # fmt: skip
+    return PromptLogprobsOut(prompt_text=prompt.text, tokens=tokens)
+
+
+def _excluded(logprobs: bool, prompt_logprobs: bool) -> set[str]:
+    """Fields a request did not ask for are left out, not sent as null."""
+    asked = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+    return {name for name, wanted in asked.items() if not wanted}
+
+
+def generate_response(
+    model: str, result: GenerationResult, logprobs: bool, prompt_logprobs: bool = False
+) -> dict[str, Any]:
     usage = GenerateUsage(
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
     )
     return GenerateResponse(
         model=model, text=result.text, finish_reason=result.finish_reason, usage=usage,
         logprobs=_native_logprobs(result.logprobs) if logprobs else None,
-    ).model_dump(exclude=None if logprobs else {"logprobs"})  # fmt: skip
+        prompt_logprobs=_prompt_logprobs(result.prompt) if prompt_logprobs else None,
+    ).model_dump(exclude=_excluded(logprobs, prompt_logprobs))  # fmt: skip
 
 
 def generate_stream_events(
-    model: str, chunk: GenerationChunk, logprobs: bool
+    model: str, chunk: GenerationChunk, logprobs: bool, prompt_logprobs: bool = False
 ) -> list[dict[str, Any]]:
     """The SSE payloads for one engine chunk: none while text is held back (and, with
-    logprobs, no token came), unless final."""
+    logprobs, no token came), unless final or the first (with prompt_logprobs, it carries
+    the prompt's)."""
     scores = _native_logprobs(chunk.logprobs) if logprobs else None
-    exclude = None if logprobs else {"logprobs"}
+    prompt = _prompt_logprobs(chunk.prompt) if prompt_logprobs else None
+    exclude = _excluded(logprobs, prompt is not None)  # the prompt's: in the first event only
     if chunk.finish_reason is None:
-        if not chunk.text and not scores:
+        if not chunk.text and not scores and prompt is None:
             return []
-        event = GenerateStreamChunk(model=model, text=chunk.text, logprobs=scores)
-        return [event.model_dump(exclude={"finish_reason", "usage", *(exclude or ())})]
+        event = GenerateStreamChunk(
+            model=model, text=chunk.text, logprobs=scores, prompt_logprobs=prompt
+        )
+        return [event.model_dump(exclude={"finish_reason", "usage", *exclude})]
     usage = GenerateUsage(
         prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
     )
     final = GenerateStreamChunk(
         model=model, text=chunk.text, finish_reason=chunk.finish_reason, usage=usage,
-        logprobs=scores,
+        logprobs=scores, prompt_logprobs=prompt,
     )  # fmt: skip
     return [final.model_dump(exclude=exclude)]
 

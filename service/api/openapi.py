@@ -53,6 +53,7 @@ def _publish_limits(components: dict[str, Any], settings: Settings) -> None:
     """The settings that bound logprobs, n / best_of and the number of prompts."""
     maxima = [
         ("GenerateRequest", "logprobs", settings.max_logprobs),
+        ("GenerateRequest", "prompt_logprobs", settings.max_logprobs),
         ("CompletionRequest", "logprobs", settings.max_logprobs),
         ("CompletionRequest", "n", settings.max_completion_choices),
         ("CompletionRequest", "best_of", settings.max_completion_choices),

@@ -3,6 +3,7 @@ that disconnect early, against uvicorn on a loopback port (the ``live_server`` f
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -115,6 +116,43 @@ def test_openai_client_echo_scores_the_prompt_like_the_eager_model(
     np.testing.assert_allclose(np.array(lp.token_logprobs[1:], float), expected, atol=1e-4)
     assert "".join(lp.tokens or []) == PROMPT
     assert completion.usage is not None and completion.usage.completion_tokens == 0
+
+
+def test_native_prompt_logprobs_score_the_prompt_like_the_eager_model(
+    live_server: LiveServer, eager: Callable[[str], EagerReference]
+) -> None:
+    """vLLM's prompt_logprobs on /v1/generate: every prompt token given those before it (the
+    first: null), k alternatives each; the generation itself is unchanged, streamed or not."""
+    reference = eager("ali")
+    ids = reference.token_ids(PROMPT)
+    body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0}
+    plain = native(live_server, **body)
+    scored = native(live_server, **body, prompt_logprobs=2)
+    assert "prompt_logprobs" not in plain
+    assert scored["text"] == plain["text"] and "logprobs" not in scored
+    prompt = scored["prompt_logprobs"]
+    assert prompt["prompt_text"] == PROMPT
+    tokens = prompt["tokens"]
+    assert [t["id"] for t in tokens] == ids and tokens[0]["logprob"] is None
+    expected = eager_log_softmax(reference, ids)[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose([t["logprob"] for t in tokens[1:]], expected, atol=1e-4)
+    assert all(len(t["top"]) == 2 for t in tokens[1:])
+    assert "".join(t["token"] for t in tokens) == PROMPT
+    assert [PROMPT.startswith(t["token"], t["offset"]) for t in tokens] == [True] * len(ids)
+    with httpx.stream(
+        "POST", f"{live_server.url}/v1/generate", timeout=60,
+        json={"model": "ali", **body, "prompt_logprobs": 2, "stream": True},
+    ) as response:  # fmt: skip
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]  # fmt: skip
+    assert events[0]["prompt_logprobs"] == prompt
+    assert all("prompt_logprobs" not in e for e in events[1:])
+    assert "".join(e["text"] for e in events) == plain["text"]
+    over = httpx.post(
+        f"{live_server.url}/v1/generate", timeout=60,
+        json={"model": "ali", **body, "prompt_logprobs": 10**6},
+    )  # fmt: skip
+    assert over.status_code == 422 and over.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_openai_client_batched_token_id_prompts_as_harnesses_send_them(

@@ -159,8 +159,12 @@ def test_schema_states_the_batch_choice_and_logprob_limits(client: TestClient) -
     assert props["n"]["maximum"] == settings.max_completion_choices
     assert props["best_of"]["anyOf"][0]["maximum"] == settings.max_completion_choices
     assert props["max_tokens"]["minimum"] == 0  # 0 with echo: scoring
-    for component in ("CompletionRequest", "GenerateRequest"):
-        logprobs = schemas[component]["properties"]["logprobs"]["anyOf"][0]
+    for component, prop in [
+        ("CompletionRequest", "logprobs"),
+        ("GenerateRequest", "logprobs"),
+        ("GenerateRequest", "prompt_logprobs"),
+    ]:
+        logprobs = schemas[component]["properties"][prop]["anyOf"][0]
         assert (logprobs["minimum"], logprobs["maximum"]) == (0, settings.max_logprobs)
 
 
