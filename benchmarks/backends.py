@@ -21,6 +21,7 @@ whose minimum logits cosine is at least the exporter's reduced-precision floor
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -280,7 +281,7 @@ def measure_arch(
     reference = runs["eager-fp32"](inputs)
     outputs = {name: runs[name](inputs) for name in PATHS}
     calls: dict[str, Callable[[], object]] = {
-        name: (lambda run=runs[name]: run(inputs)) for name in PATHS
+        name: functools.partial(runs[name], inputs) for name in PATHS
     }
     # The GEMM peak joins the same rounds, so MFU compares model and peak under the same
     # background load (a peak measured minutes earlier on a shared machine can be far off).
@@ -348,14 +349,15 @@ def choose_default(per_arch: dict[str, Any]) -> dict[str, Any]:
         "geomean_speedup_vs_eager_fp32": candidates,
         "accuracy_floor": f"min logits cosine >= {MIN_COSINE} (exporters.parity.MIN_COSINE)",
         "per_arch_fastest_accurate": {
-            arch: max(
-                (p for p in SERVABLE if data["paths"][p]["logits_cosine_min"] >= MIN_COSINE),
-                key=lambda p, data=data: data["paths"][p]["tokens_per_s"],
-                default=None,
-            )
-            for arch, data in per_arch.items()
+            arch: _fastest_accurate(data["paths"]) for arch, data in per_arch.items()
         },
     }
+
+
+def _fastest_accurate(paths: dict[str, Any]) -> str | None:
+    """One architecture's fastest servable path among those accurate on it, or None."""
+    accurate = (p for p in SERVABLE if paths[p]["logits_cosine_min"] >= MIN_COSINE)
+    return max(accurate, key=lambda p: paths[p]["tokens_per_s"], default=None)
 
 
 def run(p: BackendsPlan, workdir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -25,13 +25,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from benchmarks.common import GIB, machine_info, peak_rss_bytes, run_worker, set_threads, write_json
 
-SIZE = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "d_ff": 256}
-ALIBI = {**SIZE, "n_heads": 4, "trained_context": 1024}
-SHATTER = {**SIZE, "n_parts": 4}
+
+class _Size(TypedDict):
+    """The size both architectures are measured at."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    d_ff: int
+
+
+class _AlibiSize(_Size):
+    n_heads: int
+    trained_context: int
+
+
+class _ShatterSize(_Size):
+    n_parts: int
+
+
+SIZE: _Size = {"vocab_size": 512, "d_model": 64, "n_layers": 2, "d_ff": 256}
+ALIBI: _AlibiSize = {**SIZE, "n_heads": 4, "trained_context": 1024}
+SHATTER: _ShatterSize = {**SIZE, "n_parts": 4}
 CHUNK = 512
 MEMORY_CAP = 6 * GIB
 
@@ -102,7 +121,7 @@ def export_graphs(work: Path) -> dict[str, Any]:
                     results[key] = entry
                     continue
                 entry["export_s"] = round(time.perf_counter() - started, 2)
-                diffs = {}
+                diffs: dict[int, float | str | None] = {}
                 for n in (100, 700, 1300):  # below, between and beyond the example's blocks
                     inputs = _inputs(arch, n)
                     with torch.no_grad():

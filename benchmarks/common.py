@@ -33,7 +33,8 @@ MIB = 1024**2
 
 
 def _cpu_model() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
+    model = platform.processor() or "unknown"
+    flags: list[str] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

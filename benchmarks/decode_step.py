@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import itertools
 import json
 import logging
@@ -132,7 +133,7 @@ def gemm_peaks(threads: int, n: int = 1024) -> dict[str, float]:
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
         session.run(None, {"A": a})
-        best = min(_timed(lambda s=session: s.run(None, {"A": a})) for _ in range(5))
+        best = min(_timed(functools.partial(session.run, None, {"A": a})) for _ in range(5))
         peaks[dtype] = 2 * n**3 / best
     return peaks
 
@@ -205,7 +206,7 @@ def graph_steps(model: LoadedModel, plan: StepPlan) -> dict[int, float]:
         model.backend.run(feeds[b])
     for _ in range(plan.graph_repeats):
         for b in plan.rows:
-            samples[b].append(_timed(lambda b=b: model.backend.run(feeds[b])))
+            samples[b].append(_timed(functools.partial(model.backend.run, feeds[b])))
     return {b: median(s) for b, s in samples.items()}
 
 
@@ -332,7 +333,7 @@ def _profile_rows(profiler: cProfile.Profile, steps: int, top: int = 14) -> list
     """The worker's own functions by cumulative time per decode step (the graph call excluded
     from none: ``Clock.run`` is the graph)."""
     stats = pstats.Stats(profiler)
-    rows = []
+    rows: list[dict[str, Any]] = []
     table: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
     per_step = 1e3 / max(steps, 1)
     for (file, _, name), (_, calls, tottime, cumtime, _) in table.items():

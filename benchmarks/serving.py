@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -327,6 +328,10 @@ def _targets(
     return targets
 
 
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
 def _start_one_by_one(
     stack: contextlib.ExitStack, targets: list[Target], workdir: Path, tag: str
 ) -> list[subprocess.Popen[bytes]]:
@@ -337,7 +342,7 @@ def _start_one_by_one(
         proc = stack.enter_context(
             server_process(target.cmd, target.env, workdir / f"server-{tag}{i}.log")
         )
-        wait_ready(target.base_url + target.ready_path, 600, lambda proc=proc: proc.poll() is None)
+        wait_ready(target.base_url + target.ready_path, 600, functools.partial(_running, proc))
         procs.append(proc)
     return procs
 

@@ -373,7 +373,9 @@ def _example(spec: GraphSpec, config: Any) -> tuple[torch.Tensor, ...]:
     ids = torch.randint(4, config.vocab_size, (2, 8))
     # One (2, heads, 3, head_dim) tensor per past input; distinct tensors, so the trace cannot
     # tie the inputs together.
-    past = tuple(torch.zeros(2, heads, 3, head_dim) for _, heads, _, head_dim in _past_shapes(spec))
+    past = tuple(
+        torch.zeros(2, int(heads), 3, int(head_dim)) for _, heads, _, head_dim in _past_shapes(spec)
+    )
     return ids, torch.ones(2, 11, dtype=torch.long), *past
 
 

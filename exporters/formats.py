@@ -82,7 +82,8 @@ def export_onnx(
     # One self-contained file up to the limit (one path to load, one hash to check); a larger
     # model (a bloom-560m is 3.3 GB in fp32) keeps its weights in ``model.onnx.data`` beside
     # the graph, which the store lists and hashes and ONNX Runtime loads from the same directory.
-    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
+    initializers = program.model.graph.initializers.values()
+    weights = sum(v.const_value.nbytes for v in initializers if v.const_value is not None)
     program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
 
 
@@ -157,11 +158,13 @@ def check_dynamic_axes(path: Path, spec: GraphSpec) -> None:
 def _graphs(module: torch.jit.ScriptModule) -> list[torch._C.Graph]:
     """The graph of every method of ``module`` and of its submodules (a traced module keeps one
     graph per submodule's forward and calls them with prim::CallMethod)."""
-    return [
-        sub._c._get_method(name).graph
-        for sub in module.modules()
-        for name in sub._c._method_names()
-    ]
+    graphs: list[torch._C.Graph] = []
+    for sub in module.modules():
+        # Every submodule of a ScriptModule is one, with its C++ module as ``_c``; the stub of
+        # nn.Module.__getattr__ types any attribute as Tensor | Module.
+        handle: torch._C.ScriptModule = sub._c  # type: ignore[assignment]
+        graphs.extend(handle._get_method(name).graph for name in handle._method_names())
+    return graphs
 
 
 def fixed_devices(module: torch.jit.ScriptModule) -> list[str]:
@@ -169,7 +172,8 @@ def fixed_devices(module: torch.jit.ScriptModule) -> list[str]:
     return [
         node.s("value")
         for graph in _graphs(module)
-        for node in graph.findAllNodes("prim::Constant")
+        # Graph has findAllNodes (torch/csrc/jit/python/python_ir.cpp); the stub lists it on Node.
+        for node in graph.findAllNodes("prim::Constant")  # type: ignore[attr-defined]
         if node.output().type().kind() == "DeviceObjType"
     ]
 
@@ -190,11 +194,12 @@ def make_device_generic(module: torch.jit.ScriptModule) -> int:
         tensors = [v for v in graph.inputs() if v.type().kind() == "TensorType"]
         if not tensors:
             continue
-        for node in list(graph.findAllNodes("prim::Constant")):
+        # Graph has findAllNodes (torch/csrc/jit/python/python_ir.cpp); the stub lists it on Node.
+        for node in list(graph.findAllNodes("prim::Constant")):  # type: ignore[attr-defined]
             constant = node.output()
             if constant.type().kind() != "DeviceObjType":
                 continue
-            device = graph.create("prim::device", [tensors[0]])
+            device = graph.create("prim::device", [tensors[0]], 1)  # one output
             device.insertBefore(node)
             device.output().setType(constant.type())
             constant.replaceAllUsesWith(device.output())

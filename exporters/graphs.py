@@ -13,14 +13,17 @@ from torch import Tensor, nn
 
 from model_store import PAST_INPUT_PREFIX, past_input_names
 
+# (name, dtype, shape): a dimension is a symbolic name or a fixed size.
+GraphTensor = tuple[str, str, tuple[str | int, ...]]
+
 
 @dataclass(frozen=True)
 class GraphSpec:
     """Names, dtypes and symbolic shapes of one exported graph."""
 
     mode: str  # "encode" | "full_sequence" | "kv_cache"
-    inputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
-    outputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
+    inputs: tuple[GraphTensor, ...]
+    outputs: tuple[GraphTensor, ...]
 
     @property
     def input_names(self) -> list[str]:
@@ -29,6 +32,13 @@ class GraphSpec:
     @property
     def output_names(self) -> list[str]:
         return [name for name, _, _ in self.outputs]
+
+    @property
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(layers, heads, head_dim) of a kv_cache graph: the fixed sizes of its new_key_values
+        output (layers, 2, batch, heads, sequence, head_dim)."""
+        layers, _, _, heads, _, head_dim = self.outputs[1][2]
+        return int(layers), int(heads), int(head_dim)
 
 
 class SequenceGraph(nn.Module):
@@ -77,8 +87,9 @@ def graph_spec(task: str, config: object) -> GraphSpec:
     """The signature of the graph exported for a model with this task and config."""
     ids = ("input_ids", "int64", ("batch", "sequence"))
     logits = ("logits", "float32", ("batch", "sequence", config.vocab_size))  # type: ignore[attr-defined]
+    d_model: int = config.d_model  # type: ignore[attr-defined]
     # hidden_size where a config has one (a Reformer concatenating its streams is 2·d_model wide)
-    width = getattr(config, "hidden_size", config.d_model)  # type: ignore[attr-defined]
+    width: int = getattr(config, "hidden_size", d_model)
     hidden = ("hidden", "float32", ("batch", "sequence", width))
     if task == "encode":
         return GraphSpec(
@@ -90,9 +101,10 @@ def graph_spec(task: str, config: object) -> GraphSpec:
             (ids, ("attention_mask", "int64", ("batch", "sequence"))),
             (logits, hidden),
         )
-    layers, heads = config.n_layers, config.n_heads  # type: ignore[attr-defined]
+    layers: int = config.n_layers  # type: ignore[attr-defined]
+    heads: int = config.n_heads  # type: ignore[attr-defined]
     # head_dim where a config has one (a Reformer's attn_head_dim may differ from d_model / h)
-    head_dim = getattr(config, "head_dim", config.d_model // heads)  # type: ignore[attr-defined]
+    head_dim: int = getattr(config, "head_dim", d_model // heads)
     layer_shape = ("batch", heads, "past_sequence", head_dim)
     names = past_input_names(PAST_INPUT_PREFIX, layers)
     past = tuple((name, "float32", layer_shape) for name in names)

@@ -209,7 +209,7 @@ def build_cases(spec: GraphSpec, config: object, lengths: list[int], seed: int =
         if spec.mode != "kv_cache":
             cases.append(Case(name, "full", {"input_ids": ids, "attention_mask": mask}, mask))
             continue
-        layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+        layers, heads, head_dim = spec.cache_dims
         empty = np.zeros((layers, 2, len(row_lengths), heads, 0, head_dim), dtype=np.float32)
         inputs = {
             "input_ids": ids,
@@ -311,7 +311,7 @@ def _chunked_prefill(
     over real tokens, the reference's whole-prompt cache (L, 2, b, h, t, e) for the decode
     case)."""
     ids, mask = case.inputs["input_ids"], case.inputs["attention_mask"]
-    layers, _, _, heads, _, head_dim = spec.outputs[1][2]
+    layers, heads, head_dim = spec.cache_dims
     # Both caches allocated once at the prompt's length and filled chunk by chunk; the past of a
     # chunk is a view (concatenating would hold two copies of the cache at every step).
     shape = (layers, 2, ids.shape[0], heads, ids.shape[1], head_dim)

@@ -121,7 +121,8 @@ def convert_sentencepiece(model_dir: Path) -> Tokenizer:
 def _strips_whitespace(path: Path) -> bool:
     from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    # protobuf's builder defines the message classes at import; the package ships no stub for them.
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     proto.ParseFromString(path.read_bytes())
     return bool(proto.normalizer_spec.remove_extra_whitespaces)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -60,7 +60,20 @@ class Preset:
     bf16_autocast: bool = False
 
 
-_TINY = {
+class _Schedule(TypedDict):
+    """A preset's fields other than ``model``, shared by the presets of several architectures."""
+
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    tokenizer_bytes: int
+    train_bytes: int
+    bf16_autocast: NotRequired[bool]
+
+
+_TINY: _Schedule = {
     "vocab_size": 512,
     "seq_len": 64,
     "batch_size": 8,
@@ -69,7 +82,7 @@ _TINY = {
     "tokenizer_bytes": 300_000,
     "train_bytes": 400_000,
 }
-_DEMO = {
+_DEMO: _Schedule = {
     "vocab_size": 2048,
     "seq_len": 256,
     "batch_size": 16,
@@ -79,13 +92,13 @@ _DEMO = {
     "train_bytes": 6_000_000,
 }
 # Encoders learn masked tokens from local context: half the window, twice the steps per second.
-_DEMO_ENCODER = {**_DEMO, "seq_len": 128, "steps": 900, "lr": 3e-3}
+_DEMO_ENCODER: _Schedule = {**_DEMO, "seq_len": 128, "steps": 900, "lr": 3e-3}
 # Linformer learns positions from a table (Shatter needs none), and on 128-token windows its
 # masked-token loss stayed near unigram for the whole budget (0.897 x unigram after 1000
 # steps). On 32-token windows, 64 per batch (the same tokens per step), positions are learned
 # early: measured 0.825 after 1200 steps and 0.644 after 2500 (same seed, bf16 autocast), so
 # the demo trains there, under bf16 autocast (~1.75x the steps per second).
-_DEMO_LINFORMER = {
+_DEMO_LINFORMER: _Schedule = {
     **_DEMO_ENCODER,
     "seq_len": 32,
     "batch_size": 64,
@@ -157,7 +170,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "demo": Preset(
             model={"d_model": 128, "n_heads": 4, "n_layers": 3, "d_ff": 512},
             # The slowest step of the four (three layers of full attention over 256 tokens).
-            **{**_DEMO, "steps": 360},
+            **(_DEMO | {"steps": 360}),
         ),
     },
     "shatter": {
@@ -224,9 +237,10 @@ def _loss(model: nn.Module, inputs: Tensor, labels: Tensor, task: str) -> Tensor
     if task == "encode" and hasattr(model, "hidden_states"):
         # Only the masked positions are scored: the vocabulary projection of the other 70% of
         # positions would be computed (and back-propagated) for nothing. Same loss value.
-        hidden = model.hidden_states(inputs, mask)  # (b, t, d)
+        # (nn.Module.__getattr__ types the method and the head submodule as Tensor | Module.)
+        hidden = model.hidden_states(inputs, mask)  # type: ignore[operator]  # (b, t, d)
         chosen = labels != -100
-        return F.cross_entropy(model.lm_head(hidden[chosen]), labels[chosen])
+        return F.cross_entropy(model.lm_head(hidden[chosen]), labels[chosen])  # type: ignore[operator]
     logits, _ = model(inputs, mask)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -109,7 +109,7 @@ class TensorSpec(_Frozen):
 
 # docs/contracts.md: a kv_cache graph returns only the new tokens' cache entries, under this
 # name (schema 2 on; see MIGRATIONS for older graphs).
-NEW_ENTRIES_OUTPUT = "new_key_values"
+NEW_ENTRIES_OUTPUT: Final = "new_key_values"
 # The past goes in as one input per layer and per key/value, named as Hugging Face Optimum
 # names them; one stacked past input made ONNX Runtime copy the whole cache every step.
 PAST_INPUT_PREFIX = "past_key_values"

@@ -134,7 +134,7 @@ def plan_install(
     machine has at another version are kept as they are (and reported); the machine's torch is
     never touched."""
     plan = InstallPlan()
-    by_name = {}
+    by_name: dict[str, Path] = {}
     for wheel in sorted(wheels):
         name, _ = wheel_dist(wheel)
         if name not in installed and name not in NEVER_INSTALL:

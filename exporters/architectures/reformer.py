@@ -247,6 +247,8 @@ class ReformerConfig:
 class LSHSelfAttention(nn.Module):
     """F of the reversible block: LayerNorm -> shared-QK LSH attention -> output projection."""
 
+    rotations: Tensor  # a registered buffer (nn.Module.__getattr__ is typed Tensor | Module)
+
     def __init__(self, config: ReformerConfig, layer: int) -> None:
         super().__init__()
         self.config = config
@@ -524,6 +526,7 @@ class ReformerModel(StackedCacheMixin, nn.Module):
         x1, x2 = x, x
         news = []
         for layer, block in enumerate(self.blocks):
-            x1, x2, new = block.forward_step(x1, x2, key_mask, past_key_values[layer])
+            # nn.ModuleList yields nn.Module, whose attributes are typed Tensor | Module.
+            x1, x2, new = block.forward_step(x1, x2, key_mask, past_key_values[layer])  # type: ignore[operator]
             news.append(new)
         return self.head(self._merge_streams(x1, x2)), torch.stack(news)

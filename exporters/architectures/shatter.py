@@ -275,8 +275,8 @@ class ShatterEncoder(nn.Module):
             partitions = self.partition_table(input_ids).to(x.dtype)  # (p, 2t − 1)
         else:
             partitions = self.relative_partitions(input_ids).to(x.dtype)  # cast once, not per layer
-        for block in self.blocks:
-            x = block(x, partitions, attention_mask)
+        for layer in self.blocks:
+            x = layer(x, partitions, attention_mask)
         hidden = self.norm(x)
         return self.lm_head(hidden), hidden
 

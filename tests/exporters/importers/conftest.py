@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -52,7 +52,10 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return tokenizer
 
 
-def trained_scale(model: nn.Module, seed: int) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def trained_scale(model: ModuleT, seed: int) -> ModuleT:
     """Re-draw every parameter at a trained network's scale (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
 
