@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             "dirty": data["machine"]["git"]["dirty"],
             "load_average_at_start": started_load,
             "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            # The project's machines differ in vector units (AVX2 only, or AVX-512 with VNNI
+            # and bf16), which moves int8 and bf16 figures most: each section says its own.
+            "cpu_flags": data["machine"]["cpu_flags"],
         }
         data["sections"][section] = result
         data["section_seconds"][section] = round(time.perf_counter() - t0, 1)

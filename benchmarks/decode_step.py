@@ -19,7 +19,7 @@ imported with ``python -m exporters import hf-bloom``), exported ONNX int8 and f
    prompts, 128 greedy tokens each; every decode step's wall time against its graph time, and
    cProfile of the worker thread for the rest; 16 streams against 1 stream (requests in turn);
    ``transformers`` ``generate()`` bf16, one static batch of 16, on the same weights;
-5. the ALiBi demo model (checkpoints/alibi): 1 vs 16 streams, and ITL at 4096 vs 256 context.
+5. the ALiBi demo model (the engine section's): 1 vs 16 streams, and ITL at 4096 vs 256 context.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ROOT, machine_info, median, percentile, write_json
+from benchmarks.common import RESULTS, machine_info, median, percentile, write_json
 from benchmarks.models import REALISTIC
 from model_store import ModelRepository
 from service.backends.base import Backend
@@ -392,17 +392,13 @@ def hf_static_batch(src: Path, vocab: int, plan: StepPlan, threads: int) -> dict
 # ----------------------------------------------------------------------------- demo model
 
 
-def demo_model(workdir: Path, threads: int, log: Callable[[str], None]) -> LoadedModel | None:
-    from exporters.export import ExportRequest, export
+def demo_model(workdir: Path, threads: int, log: Callable[[str], None]) -> LoadedModel:
+    """The ALiBi demo model of the engine section (benchmarks/generation.py, ``demo_store``:
+    ``make models``' checkpoint, else trained once for every section), its context opened to
+    16K for the longest ITL measurement."""
+    from benchmarks.generation import demo_store
 
-    checkpoint = ROOT / "checkpoints" / "alibi"
-    if not (checkpoint / "model.safetensors").is_file():
-        log("  no checkpoints/alibi (make models): demo model skipped")
-        return None
-    store = workdir / "demo-store"
-    if not (store / "alibi-demo").is_dir():
-        export(ExportRequest(checkpoint=checkpoint, store=store, name="alibi-demo",
-                             format="onnx", progress=False))  # fmt: skip
+    store, _, _ = demo_store(workdir, log)
     model = load_model(ModelRepository(store), "alibi-demo", None,
                        Settings(store=store, intra_op_threads=threads))  # fmt: skip
     model.manifest = model.manifest.model_copy(update={"max_context": 16384})
@@ -499,16 +495,15 @@ def section(
     hf_rate = results["hf"]["tokens_per_s"]
     log(f"  transformers generate() {plan.hf_dtype} batch 16: {hf_rate:.0f} tok/s")
     demo = demo_model(workdir, threads, log)
-    if demo is not None:
-        results["demo"] = demo_levels(demo, threads, plan)
-        demo.close()
-        d = results["demo"]
-        itl = [round(v["itl_p50_s"] * 1e3, 2) for v in d["contexts"].values()]
-        rates = (d["16"]["tokens_per_s"], d["1"]["tokens_per_s"])
-        log(
-            f"  alibi-demo: 16 streams {rates[0]:.0f} vs 1 {rates[1]:.0f} tok/s; "
-            f"ITL by context {itl} ms"
-        )
+    results["demo"] = demo_levels(demo, threads, plan)
+    demo.close()
+    d = results["demo"]
+    itl = [round(v["itl_p50_s"] * 1e3, 2) for v in d["contexts"].values()]
+    rates = (d["16"]["tokens_per_s"], d["1"]["tokens_per_s"])
+    log(
+        f"  alibi-demo: 16 streams {rates[0]:.0f} vs 1 {rates[1]:.0f} tok/s; "
+        f"ITL by context {itl} ms"
+    )
     return results
 
 

@@ -287,15 +287,16 @@ def context_limit(plan: Plan) -> int:
 
 def demo_store(workdir: Path, log: Callable[[str], None] = print) -> tuple[Path, str, str]:
     """The ALiBi demo model exported fp32 ONNX into ``workdir``/store as ``alibi-demo``
-    (``checkpoints/alibi`` from ``make models`` when present, else trained here, ~2 min);
-    returns the store, the checkpoint used and the export's parity summary."""
+    (``checkpoints/alibi`` from ``make models`` when present, else trained once, ~2 min, into
+    ``workdir``'s parent, where the other sections' work folders find it); returns the store,
+    the checkpoint used and the export's parity summary."""
     from exporters.export import ExportRequest, export
     from exporters.training import train
 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = ROOT / "checkpoints" / "alibi"
     if not (checkpoint / "model.safetensors").is_file():
-        checkpoint = workdir / "checkpoint"
+        checkpoint = workdir.parent / "alibi-demo-checkpoint"
         if not (checkpoint / "model.safetensors").is_file():
             log("  training the ALiBi demo model (python -m exporters train --preset demo)")
             train("alibi", "demo", checkpoint, progress=False)

@@ -244,9 +244,11 @@ def _provenance(data: dict[str, Any]) -> list[str]:
         run = section.get("run")
         if run:
             dirty = " + uncommitted changes" if run["dirty"] else ""
+            flags = run.get("cpu_flags")
+            cpu = ", ".join(flags) if flags else "not recorded"
             parts.append(
                 f"{key}: {run['date']} UTC, commit `{run['commit'][:12]}`{dirty}, load "
-                f"average at start {run['load_average_at_start']}"
+                f"average at start {run['load_average_at_start']}, CPU flags {cpu}"
             )
         else:
             parts.append(f"{key}: an earlier run (see this JSON file's git history)")
@@ -265,7 +267,12 @@ def _machine(data: dict[str, Any]) -> list[str]:
         f"- **{data['name']}** ({data['mode']} run, {_duration(data)}): "
         f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), "
         f"{m['memory_gib']} GiB, {m['platform']}, Python {m['python']}, "
-        f"torch threads {m['torch_threads']}.",
+        f"torch threads {m['torch_threads']}"
+        + (
+            " (the latest run's machine; each section's CPU flags are below)."
+            if data.get("merged_from")
+            else "."
+        ),
         f"- torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, "
         f"transformers {v.get('transformers') or 'not installed'}, numpy {v.get('numpy')}.",
         f"- Load average (1/5/15 min) at start {m['load_average_at_start']}, at end "
