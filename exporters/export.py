@@ -562,7 +562,7 @@ def export(request: ExportRequest, prepared: Prepared | None = None) -> ExportRe
         failed: list[int] = []
         while True:
             lengths = parity_lengths(ckpt, max_context)
-            with peak_above(bound.baseline if bound else settled_resident_bytes()) as parity_peak:
+            with peak_above(bound.baseline if bound else None) as parity_peak:
                 report = run_parity(
                     reference, runner, spec, ckpt.config, lengths, request.precision,
                     request.progress,

@@ -200,12 +200,16 @@ def _reset_peak() -> bool:
 
 
 @contextmanager
-def peak_above(baseline: int, interval_s: float = 0.005) -> Iterator[Callable[[], int]]:
-    """Measure the block's peak resident set in bytes above ``baseline``; the yielded function
-    reads it after the block. Exact through VmHWM where the kernel lets it be reset; else a
-    thread samples VmRSS every ``interval_s`` (and can miss a peak shorter than that). Take
-    ``baseline`` from ``settled_resident_bytes``: the block's start releases free memory too."""
-    release_free_memory()
+def peak_above(
+    baseline: int | None = None, interval_s: float = 0.005
+) -> Iterator[Callable[[], int]]:
+    """Measure the block's peak resident set in bytes above ``baseline`` (by default, the
+    resident set at the block's start); the yielded function reads it after the block. Exact
+    through VmHWM where the kernel lets it be reset; else a thread samples VmRSS every
+    ``interval_s`` (and can miss a peak shorter than that). The block's start releases free
+    memory, so a given ``baseline`` is taken with ``settled_resident_bytes``."""
+    start = settled_resident_bytes()
+    base = start if baseline is None else baseline
     peak = [0]
     stop = threading.Event()
     sampler = None
@@ -219,7 +223,7 @@ def peak_above(baseline: int, interval_s: float = 0.005) -> Iterator[Callable[[]
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
     try:
-        yield lambda: max(0, peak[0] - baseline)
+        yield lambda: max(0, peak[0] - base)
     finally:
         if sampler is None:
             peak[0] = _status_bytes("VmHWM")

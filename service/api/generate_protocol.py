@@ -204,12 +204,14 @@ class GenerateStreamChunk(BaseModel):
     prompt_logprobs: PromptLogprobsOut | None = None  # the first event's, with prompt_logprobs
 
 
+def _top(lp: TokenLogprob) -> list[TopTokenOut]:
+    return [TopTokenOut(id=t.token_id, token=t.token, logprob=t.logprob) for t in lp.top]
+
+
 def _native_logprobs(items: Seq[TokenLogprob]) -> list[TokenLogprobOut]:
     return [
-        TokenLogprobOut(
-            id=lp.token_id, token=lp.token, logprob=lp.logprob or 0.0, offset=lp.offset,
-            top=[TopTokenOut(id=t.token_id, token=t.token, logprob=t.logprob) for t in lp.top],
-        )
+        TokenLogprobOut(id=lp.token_id, token=lp.token, logprob=lp.logprob or 0.0,
+                        offset=lp.offset, top=_top(lp))
         for lp in items
     ]  # fmt: skip
 
@@ -218,10 +220,8 @@ def _prompt_logprobs(prompt: PromptEcho | None) -> PromptLogprobsOut | None:
     if prompt is None or prompt.logprobs is None:
         return None
     tokens = [
-        PromptTokenLogprobOut(
-            id=lp.token_id, token=lp.token, logprob=lp.logprob, offset=lp.offset,
-            top=[TopTokenOut(id=t.token_id, token=t.token, logprob=t.logprob) for t in lp.top],
-        )
+        PromptTokenLogprobOut(id=lp.token_id, token=lp.token, logprob=lp.logprob,
+                              offset=lp.offset, top=_top(lp))
         for lp in prompt.logprobs
     ]  # fmt: skip
     return PromptLogprobsOut(prompt_text=prompt.text, tokens=tokens)
